@@ -1,0 +1,192 @@
+"""The backend registry: which implementations exist, which are usable here, and which one an op runs.
+
+Three backends implement every op with the same semantics:
+
+- ``reference``: pure PyTorch (``diffkern/ops/<family>.py``), the definition of right; any device.
+- ``triton``: fused Triton kernels (``diffkern/triton/<family>.py``); CUDA tensors, or CPU tensors when the
+  Triton interpreter is on (``TRITON_INTERPRET=1`` set before triton is imported).
+- ``cuda``: the CUDA C++ extension built from ``csrc/`` (``diffkern/_cuda_ops.py``); CUDA tensors.
+
+``backend="auto"`` takes ``DIFFKERN_BACKEND`` from the environment when set (and then fails loudly like an
+explicit request), else the reference on non-CUDA tensors, else the first usable entry of
+``AUTO_PREFERENCE[op]``; falling past the first choice is logged once per (op, backend).
+
+Nothing here touches a device, imports triton or loads the extension at import time: availability is
+checked on first use and cached.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("diffkern")
+
+BACKENDS = ("reference", "triton", "cuda")
+OPS = ("add_noise", "ddim_step", "ddpm_step", "group_norm_silu")
+ENV_VAR = "DIFFKERN_BACKEND"
+
+# Fastest first, on CUDA tensors. The CUDA extension and Triton kernels are both single-pass and
+# bandwidth-bound; this order is the one measured in BENCHMARKS.md (re-decide it there, not at import).
+AUTO_PREFERENCE: Dict[str, Tuple[str, ...]] = {
+    "add_noise": ("cuda", "triton", "reference"),
+    "ddim_step": ("cuda", "triton", "reference"),
+    "ddpm_step": ("cuda", "triton", "reference"),
+    "group_norm_silu": ("cuda", "triton", "reference"),
+}
+
+# (backend, implementation name) -> "module:function". An op family may have several implementations
+# (group_norm_silu has a forward and a backward); every backend provides all of them.
+_IMPLEMENTATIONS: Dict[str, Dict[str, str]] = {
+    "reference": {
+        "add_noise": "diffkern.ops.add_noise:add_noise_reference",
+        "ddim_step": "diffkern.ops.ddim:ddim_step_reference",
+        "ddpm_step": "diffkern.ops.ddpm:ddpm_step_reference",
+        "group_norm_silu_forward": "diffkern.ops.group_norm_silu:group_norm_silu_forward_reference",
+        "group_norm_silu_backward": "diffkern.ops.group_norm_silu:group_norm_silu_backward_reference",
+    },
+    "triton": {
+        "add_noise": "diffkern.triton.add_noise:add_noise",
+        "ddim_step": "diffkern.triton.ddim:ddim_step",
+        "ddpm_step": "diffkern.triton.ddpm:ddpm_step",
+        "group_norm_silu_forward": "diffkern.triton.group_norm_silu:group_norm_silu_forward",
+        "group_norm_silu_backward": "diffkern.triton.group_norm_silu:group_norm_silu_backward",
+    },
+    "cuda": {
+        "add_noise": "diffkern._cuda_ops:add_noise",
+        "ddim_step": "diffkern._cuda_ops:ddim_step",
+        "ddpm_step": "diffkern._cuda_ops:ddpm_step",
+        "group_norm_silu_forward": "diffkern._cuda_ops:group_norm_silu_forward",
+        "group_norm_silu_backward": "diffkern._cuda_ops:group_norm_silu_backward",
+    },
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+_status_cache: Dict[Tuple[str, str], BackendStatus] = {}
+_impl_cache: Dict[Tuple[str, str], Callable] = {}
+_fallbacks_logged: set = set()
+_last_used: Dict[str, str] = {}
+
+
+def _triton_status(device_type: str) -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed (pip install triton)")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return BackendStatus(False, "no CUDA device is visible to torch")
+        return BackendStatus(True, "triton kernels on CUDA")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return BackendStatus(True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    return BackendStatus(False, f"triton needs CUDA tensors, or TRITON_INTERPRET=1 for {device_type} tensors")
+
+
+def _cuda_status(device_type: str) -> BackendStatus:
+    if device_type != "cuda":
+        return BackendStatus(False, f"the CUDA extension runs on CUDA tensors only, not {device_type}")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "no CUDA device is visible to torch")
+    from diffkern import _extension
+
+    try:
+        _extension.load()
+    except _extension.ExtensionUnavailable as exc:
+        return BackendStatus(False, str(exc))
+    return BackendStatus(True, f"CUDA extension ({_extension.status().get('source')})")
+
+
+def backend_status(backend: str, device_type: str) -> BackendStatus:
+    """Whether ``backend`` can run on tensors of ``device_type`` here, and why (cached)."""
+    key = (backend, device_type)
+    if key not in _status_cache:
+        if backend == "reference":
+            status = BackendStatus(True, "pure PyTorch, any device")
+        elif backend == "triton":
+            status = _triton_status(device_type)
+        elif backend == "cuda":
+            status = _cuda_status(device_type)
+        else:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _status_cache[key] = status
+    return _status_cache[key]
+
+
+def available_backends(device=None) -> Dict[str, BackendStatus]:
+    """Every backend with whether it can run on ``device`` (default: CUDA if visible, else CPU) and why.
+
+    >>> diffkern.available_backends("cpu")["triton"]
+    BackendStatus(available=False, reason='triton needs CUDA tensors, or TRITON_INTERPRET=1 for cpu tensors')
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return {name: backend_status(name, device_type) for name in BACKENDS}
+
+
+def clear_cache() -> None:
+    """Forget cached availability (e.g. after changing TRITON_INTERPRET in a test)."""
+    _status_cache.clear()
+    _fallbacks_logged.clear()
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, requested: str, device_type: str) -> str:
+    # Runs once at trace time under torch.compile: the choice is baked into the graph.
+    if requested == "auto":
+        env = os.environ.get(ENV_VAR, "")
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            requested = env
+    if requested != "auto":
+        status = backend_status(requested, device_type)
+        if not status.available:
+            raise BackendUnavailableError(
+                f"backend={requested!r} cannot run {op} on {device_type} tensors: {status.reason}")
+        chosen = requested
+    elif device_type != "cuda":
+        chosen = "reference"
+    else:
+        preference = AUTO_PREFERENCE[op]
+        chosen = next(name for name in preference if backend_status(name, device_type).available)
+        if chosen != preference[0] and (op, chosen) not in _fallbacks_logged:
+            _fallbacks_logged.add((op, chosen))
+            skipped = ", ".join(f"{name}: {backend_status(name, device_type).reason}"
+                                for name in preference[: preference.index(chosen)])
+            logger.warning("diffkern: %s runs on the %s backend (%s)", op, chosen, skipped)
+    _last_used[op] = chosen
+    return chosen
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` for a request of ``backend`` on tensors of ``device``."""
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return _resolve(op, backend, device.type)
+
+
+def last_backend(op: str) -> Optional[str]:
+    """The backend the last call of ``op`` resolved to (tests use it to assert what ran)."""
+    return _last_used.get(op)
+
+
+def implementation(backend: str, name: str) -> Callable:
+    """The function implementing ``name`` (an op, or ``group_norm_silu_forward``/``_backward``) on ``backend``."""
+    key = (backend, name)
+    if key not in _impl_cache:
+        module_name, attr = _IMPLEMENTATIONS[backend][name].split(":")
+        _impl_cache[key] = getattr(importlib.import_module(module_name), attr)
+    return _impl_cache[key]

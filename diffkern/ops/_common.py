@@ -1,0 +1,252 @@
+"""Validation and argument preparation shared by the op families.
+
+The public functions validate everything here *before* any work, so bad input raises a ``TypeError`` or
+``ValueError`` naming the argument and leaves the caller's tensors untouched. They then hand every backend
+the same normalised arguments (the backend contract):
+
+- samples: dense tensors with identical strides and the batch dimension outermost, so each sample is one
+  contiguous run of ``numel // B`` elements in storage order (NCHW and channels_last both qualify);
+- ``alphas_cumprod``: float32, 1-D ``[T]``, on the samples' device;
+- timesteps: int64 ``[1]`` (shared by the batch) or ``[B]`` (per sample) on the samples' device. Python ints
+  become a one-element tensor with ``torch.full`` (a fill kernel: no host-to-device copy, so no sync).
+  Device tensors are not range-checked (that would sync); kernels clamp indices into the table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+TimestepLike = Union[int, torch.Tensor]
+
+
+def check_tensor(name: str, value, *, ndim_min: int = 1) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {value.dtype}")
+    if value.ndim < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_like(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor,
+               shape: Optional[Sequence[int]] = None) -> None:
+    """``value`` must have ``ref``'s dtype and device, and ``shape`` (default: ``ref``'s shape)."""
+    check_tensor(name, value)
+    expected = tuple(ref.shape) if shape is None else tuple(shape)
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} to match {ref_name}, got {tuple(value.shape)}")
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {value.device}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+                low_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_table(alphas_cumprod, device: torch.device) -> int:
+    """Validates the abar table; returns its length T."""
+    if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.is_floating_point():
+        raise TypeError("alphas_cumprod must be a floating-point tensor")
+    if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() == 0:
+        raise ValueError(f"alphas_cumprod must be 1-D and non-empty, got shape {tuple(alphas_cumprod.shape)}")
+    if alphas_cumprod.device.type != "cpu" and alphas_cumprod.device != device:
+        raise ValueError(f"alphas_cumprod must be on the CPU or on the samples' device {device}, "
+                         f"got {alphas_cumprod.device}")
+    return alphas_cumprod.numel()
+
+
+def prepare_table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 table on ``device``; a no-op for a float32 table already there (the fast path)."""
+    return alphas_cumprod.to(device=device, dtype=torch.float32)
+
+
+def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, *,
+                    allow_negative: bool = False) -> None:
+    """int, 0-d tensor or ``[batch]`` integer tensor, inside ``[0, T)`` (negative allowed for previous
+    timesteps, meaning "before the first step"). Only CPU values are range-checked: reading a device
+    tensor would force a host sync."""
+    low = "any negative value or 0" if allow_negative else "0"
+    if isinstance(timesteps, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    if isinstance(timesteps, int):
+        if timesteps >= num_train_timesteps or (timesteps < 0 and not allow_negative):
+            raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}] "
+                             f"(alphas_cumprod has {num_train_timesteps} entries), got {timesteps}")
+        return
+    if not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(timesteps).__name__}")
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {timesteps.dtype}")
+    if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.numel() not in (1, batch)):
+        raise ValueError(f"{name} must be 0-d or have shape [1] or [{batch}] (one per sample), "
+                         f"got shape {tuple(timesteps.shape)}")
+    if timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
+        high_bad = bool((timesteps >= num_train_timesteps).any())
+        low_bad = (not allow_negative) and bool((timesteps < 0).any())
+        if high_bad or low_bad:
+            raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}] "
+                             f"(alphas_cumprod has {num_train_timesteps} entries), got {timesteps.tolist()}")
+
+
+def prepare_timesteps(timesteps: TimestepLike, device: torch.device) -> torch.Tensor:
+    """int64 ``[1]`` or ``[B]`` on ``device`` without a host sync."""
+    if isinstance(timesteps, int):
+        return torch.full((1,), timesteps, dtype=torch.int64, device=device)
+    if timesteps.device.type == "cpu" and timesteps.numel() == 1 and device.type != "cpu" \
+            and not torch.compiler.is_compiling():
+        # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
+        return torch.full((1,), int(timesteps.reshape(())), dtype=torch.int64, device=device)
+    return timesteps.reshape(-1).to(device=device, dtype=torch.int64)
+
+
+def is_batch_outer_dense(t: torch.Tensor) -> bool:
+    """Each sample is one contiguous run in storage: dense, non-overlapping, batch stride = numel / B."""
+    if t.numel() == 0:
+        return True
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def same_layout(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Returns the tensors laid out alike and batch-outer dense (see the module docstring).
+
+    The common case (all contiguous, or all channels_last) passes through without a copy."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    if is_batch_outer_dense(first) and all(t.stride() == first.stride() for t in present[1:]):
+        return tuple(tensors)
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def gather_abar(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """abar at ``timesteps`` (indices clamped into the table), float32 ``[1 or B]``."""
+    return table[timesteps.clamp(0, table.numel() - 1)]
+
+
+def gather_abar_prev(table: torch.Tensor, prev_timesteps: torch.Tensor, final_alpha_cumprod: float) -> torch.Tensor:
+    """abar at the previous timesteps; a negative index means "past the first step": ``final_alpha_cumprod``."""
+    inside = table[prev_timesteps.clamp(0, table.numel() - 1)]
+    return torch.where(prev_timesteps >= 0, inside, torch.full_like(inside, final_alpha_cumprod))
+
+
+def per_sample(coef: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[1 or B]`` -> ``[1 or B, 1, ...]`` to broadcast against ``ndim``-dimensional samples."""
+    return coef.reshape(coef.shape[0], *([1] * (ndim - 1)))
+
+
+def apply_guidance(model_output: torch.Tensor, batch: int, guidance_scale: Optional[float],
+                   channels: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance over a ``[2B, ...]`` model output (first half unconditional, second half
+    conditional): uncond + s * (cond - uncond). When ``channels`` is given and the output carries more
+    channels (a learned variance), only the first ``channels`` are guided and the rest come from the
+    conditional half, as in diffusers' pipelines. Works in the dtype of ``model_output``."""
+    if guidance_scale is None:
+        return model_output
+    uncond, cond = model_output[:batch], model_output[batch:]
+    if channels is None or model_output.shape[1] == channels:
+        return uncond + guidance_scale * (cond - uncond)
+    guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: torch.Tensor,
+                   abar: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from the model output, in diffusers' operation order (abar broadcast per sample)."""
+    beta = 1 - abar
+    if prediction_type == "epsilon":
+        x0 = (sample - beta ** 0.5 * model_output) / abar ** 0.5
+        eps = model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - abar ** 0.5 * x0) / beta ** 0.5
+    else:  # v_prediction
+        x0 = abar ** 0.5 * sample - beta ** 0.5 * model_output
+        eps = abar ** 0.5 * model_output + beta ** 0.5 * sample
+    return x0, eps
+
+
+def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), float32 ``[B]``.
+
+    The quantile interpolates linearly between order statistics like ``torch.quantile`` (rank computed in
+    float32 as there), but selects with ``kthvalue`` so that it has no size limit."""
+    flat = x0.reshape(x0.shape[0], -1).float().abs()
+    n = flat.shape[1]
+    rank = float(torch.tensor(ratio, dtype=torch.float32) * (n - 1))
+    below = int(math.floor(rank))
+    above = min(below + 1, n - 1)
+    weight = torch.tensor(rank - below, dtype=torch.float32, device=flat.device)
+    v_below = flat.kthvalue(below + 1, dim=1).values
+    v_above = flat.kthvalue(above + 1, dim=1).values if above != below else v_below
+    return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)
+
+
+def clip_or_threshold(x0: torch.Tensor, *, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+                      dynamic_thresholding_ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (wins over clipping, as in diffusers), clipping, or nothing."""
+    if thresholding:
+        s = per_sample(dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value), x0.ndim)
+        return torch.clamp(x0, -s, s) / s
+    if clip_sample:
+        return x0.clamp(-clip_sample_range, clip_sample_range)
+    return x0
+
+
+def draw_noise(shape, dtype: torch.dtype, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise drawn like diffusers' ``randn_tensor`` for a single generator: on the
+    generator's device, then moved."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def check_step_options(*, prediction_type, clip_sample, clip_sample_range, thresholding,
+                       dynamic_thresholding_ratio, sample_max_value, guidance_scale) -> None:
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_bool("clip_sample", clip_sample)
+    check_float("clip_sample_range", clip_sample_range, low=0.0, low_inclusive=False)
+    check_bool("thresholding", thresholding)
+    check_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0)
+    check_float("sample_max_value", sample_max_value, low=1.0)
+    if guidance_scale is not None:
+        check_float("guidance_scale", guidance_scale)
+
+
+def check_generator(generator, noise) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and noise is not None:
+        raise ValueError("pass either noise or generator, not both")

@@ -1,0 +1,62 @@
+"""add_noise: the forward process q(x_t | x_0).
+
+    x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise
+
+with abar_t gathered per sample from the ``alphas_cumprod`` table. Coefficients and arithmetic are fp32 (fp64
+for fp64 input) whatever the sample dtype: diffusers rounds abar to the sample dtype first, so in bf16 it adds
+no noise at all at small t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffkern import backends
+from diffkern.ops import _common as C
+
+
+def add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        timesteps: torch.Tensor) -> torch.Tensor:
+    """Backend contract (see ``_common``): samples ``[B, ...]`` laid out alike, table float32 ``[T]``,
+    timesteps int64 ``[1 or B]``, all on one device. Returns x_t in the samples' dtype and layout."""
+    compute = torch.promote_types(original_samples.dtype, torch.float32)
+    abar = C.per_sample(C.gather_abar(alphas_cumprod, timesteps), original_samples.ndim).to(compute)
+    noisy = abar ** 0.5 * original_samples.to(compute) + (1 - abar) ** 0.5 * noise.to(compute)
+    return noisy.to(original_samples.dtype)
+
+
+@torch.library.custom_op("diffkern::add_noise", mutates_args=())
+def _add_noise_op(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  timesteps: torch.Tensor, backend: str) -> torch.Tensor:
+    return backends.implementation(backend, "add_noise")(original_samples, noise, alphas_cumprod, timesteps)
+
+
+@_add_noise_op.register_fake
+def _(original_samples, noise, alphas_cumprod, timesteps, backend):
+    return torch.empty_like(original_samples)
+
+
+def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.TimestepLike,
+              alphas_cumprod: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Noise clean samples to timestep ``timesteps``: sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise.
+
+    Args:
+        original_samples: x_0, ``[B, ...]``, float16/bfloat16/float32/float64, any device.
+        noise: same shape, dtype and device.
+        timesteps: an int, a 0-d integer tensor, or ``[B]`` (one per sample), in ``[0, T)``.
+        alphas_cumprod: the abar table ``[T]`` (any float dtype; on the CPU or the samples' device — a
+            float32 table on the samples' device avoids a copy per call).
+        backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
+
+    Returns:
+        x_t with ``original_samples``' shape, dtype and memory format.
+    """
+    C.check_tensor("original_samples", original_samples)
+    C.check_like("noise", noise, "original_samples", original_samples)
+    num_train = C.check_table(alphas_cumprod, original_samples.device)
+    C.check_timesteps("timesteps", timesteps, original_samples.shape[0], num_train)
+    device = original_samples.device
+    chosen = backends.resolve("add_noise", backend, device)
+    x0, eps = C.same_layout([original_samples, noise])
+    return _add_noise_op(x0, eps, C.prepare_table(alphas_cumprod, device),
+                         C.prepare_timesteps(timesteps, device), chosen)

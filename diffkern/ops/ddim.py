@@ -1,0 +1,139 @@
+"""The DDIM step (Song et al. 2021), diffusers' ``DDIMScheduler.step`` math.
+
+With a = abar_t, a' = abar_prev (``final_alpha_cumprod`` when prev_timestep < 0), per sample:
+
+    x0, eps  from the prediction type (epsilon / v_prediction / sample)
+    x0       <- dynamic threshold (per-sample quantile of |x0|) or clip, optionally
+    sigma    = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))
+    eps      <- (x - sqrt(a) x0) / sqrt(1 - a)            if use_clipped_model_output
+    x_prev   = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps  (+ sigma z when eta > 0)
+
+With ``guidance_scale`` set the model output holds 2B samples (unconditional first) and
+eps_model = uncond + s (cond - uncond) is part of the step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from diffkern import backends
+from diffkern.ops import _common as C
+
+
+class StepOutput(NamedTuple):
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                        alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+                        final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
+                        clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+                        sample_max_value: float, use_clipped_model_output: bool,
+                        guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backend contract (see ``_common``): ``model_output`` ``[B or 2B, ...]``, ``sample`` ``[B, ...]``,
+    ``noise`` like ``sample`` when eta > 0 (else None or ignored), timesteps int64 ``[1 or B]``.
+    Arithmetic in fp32 (fp64 for fp64 input); returns (prev_sample, pred_original_sample) in the sample's
+    dtype and layout."""
+    compute = torch.promote_types(sample.dtype, torch.float32)
+    batch, ndim = sample.shape[0], sample.ndim
+    x = sample.to(compute)
+    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale)
+    a = C.per_sample(C.gather_abar(alphas_cumprod, timestep), ndim).to(compute)
+    a_prev = C.per_sample(C.gather_abar_prev(alphas_cumprod, prev_timestep, final_alpha_cumprod), ndim).to(compute)
+    x0, eps = C.predict_x0_eps(prediction_type, x, model_out, a)
+    x0 = C.clip_or_threshold(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                             thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                             sample_max_value=sample_max_value)
+    beta = 1 - a
+    variance = ((1 - a_prev) / beta) * (1 - a / a_prev)
+    std = eta * variance ** 0.5
+    if use_clipped_model_output:
+        eps = (x - a ** 0.5 * x0) / beta ** 0.5
+    prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    if eta > 0:
+        prev = prev + std * noise.to(compute)
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+@torch.library.custom_op("diffkern::ddim_step", mutates_args=())
+def _ddim_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                  alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
+                  final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
+                  clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+                  sample_max_value: float, use_clipped_model_output: bool, guidance_scale: Optional[float],
+                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return backends.implementation(backend, "ddim_step")(
+        model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+        final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
+        clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+        use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
+
+
+@_ddim_step_op.register_fake
+def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *args):
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torch.Tensor,
+              alphas_cumprod: torch.Tensor, *, prev_timestep: C.TimestepLike, eta: float = 0.0,
+              noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+              prediction_type: str = "epsilon", clip_sample: bool = False, clip_sample_range: float = 1.0,
+              thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+              sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
+              final_alpha_cumprod: float = 1.0, guidance_scale: Optional[float] = None,
+              backend: str = "auto") -> StepOutput:
+    """One DDIM step from ``timestep`` to ``prev_timestep`` (the math is in this module's docstring).
+
+    Args:
+        model_output: ``[B, ...]`` (``[2B, ...]`` with ``guidance_scale``), the sample's dtype and device.
+        timestep, prev_timestep: int, 0-d or ``[B]`` integer tensors; ``prev_timestep < 0`` means
+            "use ``final_alpha_cumprod``" (diffusers: 1.0 with ``set_alpha_to_one``, else abar[0]).
+        sample: x_t, ``[B, ...]``, float16/bfloat16/float32/float64.
+        alphas_cumprod: abar ``[T]`` (CPU or the sample's device).
+        eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral sampling.
+        noise: z for eta > 0, like ``sample``; else drawn with ``generator`` as diffusers does.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``.
+        clip_sample / clip_sample_range, thresholding / dynamic_thresholding_ratio / sample_max_value,
+        use_clipped_model_output: as in diffusers' ``DDIMScheduler``.
+        guidance_scale: fuse classifier-free guidance over a 2B-batch model output.
+        backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
+
+    Returns:
+        ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype and memory format.
+    """
+    C.check_tensor("sample", sample)
+    C.check_tensor("model_output", model_output)
+    batch = sample.shape[0]
+    out_batch = 2 * batch if guidance_scale is not None else batch
+    C.check_like("model_output", model_output, "sample", sample, (out_batch,) + tuple(sample.shape[1:]))
+    num_train = C.check_table(alphas_cumprod, sample.device)
+    C.check_timesteps("timestep", timestep, batch, num_train)
+    C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, allow_negative=True)
+    eta = C.check_float("eta", eta, low=0.0)
+    C.check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0, low_inclusive=False)
+    C.check_bool("use_clipped_model_output", use_clipped_model_output)
+    C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
+                         clip_sample_range=clip_sample_range, thresholding=thresholding,
+                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                         sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    C.check_generator(generator, noise)
+    if noise is not None:
+        C.check_like("noise", noise, "sample", sample)
+    device = sample.device
+    chosen = backends.resolve("ddim_step", backend, device)
+    if eta > 0 and noise is None:
+        noise = C.draw_noise(sample.shape, model_output.dtype, device, generator)
+    elif eta == 0:
+        noise = None
+    model_output, sample, noise = C.same_layout([model_output, sample, noise])
+    prev, x0 = _ddim_step_op(
+        model_output, sample, noise, C.prepare_table(alphas_cumprod, device),
+        C.prepare_timesteps(timestep, device), C.prepare_timesteps(prev_timestep, device),
+        float(final_alpha_cumprod), eta, prediction_type, clip_sample, float(clip_sample_range), thresholding,
+        float(dynamic_thresholding_ratio), float(sample_max_value), use_clipped_model_output,
+        None if guidance_scale is None else float(guidance_scale), chosen)
+    return StepOutput(prev, x0)

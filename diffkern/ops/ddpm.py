@@ -1,0 +1,167 @@
+"""The DDPM ancestral step (Ho et al. 2020), diffusers' ``DDPMScheduler.step`` math.
+
+With a = abar_t, a' = abar_prev (1.0 when prev_timestep < 0), alpha = a / a', beta = 1 - alpha, per sample:
+
+    x0      from the prediction type, then dynamic threshold or clip
+    mean    = (sqrt(a') beta / (1 - a)) x0 + (sqrt(alpha) (1 - a') / (1 - a)) x
+    v       = max((1 - a') / (1 - a) * beta, 1e-20)           (the posterior variance)
+    std     = fixed_small: sqrt(v)      fixed_small_log: exp(log(v) / 2)
+              fixed_large: sqrt(beta)   fixed_large_log: sqrt(beta)  (diffusers computes sqrt(log beta) = NaN)
+              learned: sqrt(p)          learned_range: exp((f log beta + (1 - f) log v) / 2), f = (p + 1) / 2
+    x_prev  = mean + std z              (no noise for samples at t = 0)
+
+``learned``/``learned_range`` take a model output with 2C channels: the prediction, then p.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from diffkern import backends
+from diffkern.ops import _common as C
+from diffkern.ops.ddim import StepOutput
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def ddpm_std(variance_type: str, posterior_variance: torch.Tensor, beta: torch.Tensor,
+             predicted_variance: Optional[torch.Tensor]) -> torch.Tensor:
+    """The noise scale of each variance type (see the module docstring)."""
+    v = posterior_variance.clamp(min=1e-20)
+    if variance_type == "fixed_small":
+        return v ** 0.5
+    if variance_type == "fixed_small_log":
+        return torch.exp(0.5 * torch.log(v))
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        return beta ** 0.5
+    if variance_type == "learned":
+        return predicted_variance ** 0.5
+    frac = (predicted_variance + 1) / 2
+    return torch.exp(0.5 * (frac * torch.log(beta) + (1 - frac) * torch.log(v)))
+
+
+def ddpm_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                        alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+                        variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+                        thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+                        guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backend contract (see ``_common``): ``model_output`` ``[B or 2B, C or 2C, ...]`` (2C for learned
+    variance types, and then every tensor is C-contiguous), ``sample`` ``[B, C, ...]``, ``noise`` like
+    ``sample`` or None (no noise), timesteps int64 ``[1 or B]``. Samples whose timestep is 0 get no noise.
+    Returns (prev_sample, pred_original_sample) in the sample's dtype and layout."""
+    compute = torch.promote_types(sample.dtype, torch.float32)
+    batch, channels, ndim = sample.shape[0], sample.shape[1], sample.ndim
+    x = sample.to(compute)
+    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, channels)
+    predicted_variance = None
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        model_out, predicted_variance = model_out[:, :channels], model_out[:, channels:]
+    a = C.per_sample(C.gather_abar(alphas_cumprod, timestep), ndim).to(compute)
+    a_prev = C.per_sample(C.gather_abar_prev(alphas_cumprod, prev_timestep, 1.0), ndim).to(compute)
+    alpha = a / a_prev
+    beta = 1 - alpha
+    x0, _ = C.predict_x0_eps(prediction_type, x, model_out, a)
+    x0 = C.clip_or_threshold(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                             thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                             sample_max_value=sample_max_value)
+    x0_coef = (a_prev ** 0.5 * beta) / (1 - a)
+    x_coef = alpha ** 0.5 * (1 - a_prev) / (1 - a)
+    prev = x0_coef * x0 + x_coef * x
+    if noise is not None:
+        std = ddpm_std(variance_type, (1 - a_prev) / (1 - a) * beta, beta, predicted_variance)
+        std = torch.where(C.per_sample(timestep, ndim) > 0, std, torch.zeros_like(std))
+        prev = prev + std * noise.to(compute)
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+@torch.library.custom_op("diffkern::ddpm_step", mutates_args=())
+def _ddpm_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                  alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
+                  variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+                  thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+                  guidance_scale: Optional[float], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return backends.implementation(backend, "ddpm_step")(
+        model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
+        prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+        thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+
+
+@_ddpm_step_op.register_fake
+def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *args):
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torch.Tensor,
+              alphas_cumprod: torch.Tensor, *, prev_timestep: Optional[C.TimestepLike] = None,
+              noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+              variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: bool = True,
+              clip_sample_range: float = 1.0, thresholding: bool = False,
+              dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+              guidance_scale: Optional[float] = None, backend: str = "auto") -> StepOutput:
+    """One DDPM ancestral step from ``timestep`` to ``prev_timestep`` (math in the module docstring).
+
+    Args:
+        model_output: ``[B, C, ...]``; ``[B, 2C, ...]`` for ``learned``/``learned_range``; 2B samples with
+            ``guidance_scale`` (unconditional first; a learned variance is taken from the conditional half).
+        timestep: int, 0-d or ``[B]`` integer tensor in ``[0, T)``.
+        sample: x_t ``[B, C, ...]``, float16/bfloat16/float32/float64.
+        alphas_cumprod: abar ``[T]`` (CPU or the sample's device).
+        prev_timestep: defaults to ``timestep - 1``; negative means abar_prev = 1.
+        noise: z like ``sample``; else drawn with ``generator`` as diffusers does (only when some t > 0:
+            always for a device-tensor timestep, whose value is not read on the host).
+        variance_type: ``fixed_small``, ``fixed_small_log``, ``fixed_large``, ``fixed_large_log``,
+            ``learned`` or ``learned_range``.
+        prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+        sample_max_value: as in diffusers' ``DDPMScheduler``.
+        backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
+
+    Returns:
+        ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype.
+    """
+    C.check_tensor("sample", sample, ndim_min=2)
+    C.check_tensor("model_output", model_output, ndim_min=2)
+    C.check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    batch, channels = sample.shape[0], sample.shape[1]
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    out_shape = ((2 * batch if guidance_scale is not None else batch), (2 * channels if learned else channels)) \
+        + tuple(sample.shape[2:])
+    C.check_like("model_output", model_output, "sample", sample, out_shape)
+    num_train = C.check_table(alphas_cumprod, sample.device)
+    C.check_timesteps("timestep", timestep, batch, num_train)
+    if prev_timestep is not None:
+        C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, allow_negative=True)
+    C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
+                         clip_sample_range=clip_sample_range, thresholding=thresholding,
+                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                         sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    C.check_generator(generator, noise)
+    if noise is not None:
+        C.check_like("noise", noise, "sample", sample)
+    device = sample.device
+    chosen = backends.resolve("ddpm_step", backend, device)
+    t = C.prepare_timesteps(timestep, device)
+    prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, device)
+    if noise is None and _may_have_positive_timestep(timestep):
+        noise = C.draw_noise(sample.shape, model_output.dtype, device, generator)
+    tensors = [model_output, sample, noise]
+    # With a learned variance the 2C-channel output is split per sample in C order: lay everything out so.
+    model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if learned \
+        else C.same_layout(tensors)
+    prev, x0 = _ddpm_step_op(
+        model_output, sample, noise, C.prepare_table(alphas_cumprod, device), t, prev_t, variance_type,
+        prediction_type, clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
+        float(sample_max_value), None if guidance_scale is None else float(guidance_scale), chosen)
+    return StepOutput(prev, x0)
+
+
+def _may_have_positive_timestep(timestep: C.TimestepLike) -> bool:
+    """Whether noise must be drawn. Host values are read; a device tensor's are not (that would sync)."""
+    if isinstance(timestep, int):
+        return timestep > 0
+    if timestep.device.type == "cpu" and not torch.compiler.is_compiling():
+        return bool((timestep > 0).any())
+    return True

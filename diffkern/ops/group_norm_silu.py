@@ -1,0 +1,219 @@
+"""GroupNorm followed by SiLU, forward and backward.
+
+For x of shape ``(N, C, *)`` split into G groups of C/G channels, per (n, g) over the group's C/G * S values:
+
+    mean = E[x],  rstd = 1 / sqrt(Var[x] + eps)      (biased variance, fp32)
+    z    = (x - mean) * rstd * weight[c] + bias[c]
+    y    = silu(z) = z * sigmoid(z)
+
+Backward, with s = sigmoid(z), xhat = (x - mean) * rstd and M the group size:
+
+    dz       = dy * s * (1 + z (1 - s))
+    dbias    = sum_{n, spatial} dz            dweight = sum_{n, spatial} dz * xhat
+    dxhat    = dz * weight
+    dx       = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
+
+Backend contract: ``x`` arrives as a 3-D view ``(N, C, S)`` that is either C-contiguous (strides
+``(C*S, S, 1)``, NCHW) or channels-last (strides ``(C*S, 1, C)``); outputs use ``x``'s strides. Statistics
+``mean``/``rstd`` are ``[N, G]`` in the compute dtype: float32, or float64 for float64 input (so that
+``gradcheck`` sees float64 math); ``weight``/``bias`` are ``[C]`` (any float dtype) or None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkern import backends
+from diffkern.ops import _common as C
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 input, float64 for float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _normalized(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int) -> torch.Tensor:
+    n, c, s = x.shape
+    xf = x.to(mean.dtype).reshape(n, num_groups, (c // num_groups) * s)
+    return ((xf - mean[..., None]) * rstd[..., None]).reshape(n, c, s)
+
+
+def _affine(xhat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    z = xhat
+    if weight is not None:
+        z = z * weight.to(xhat.dtype)[None, :, None]
+    if bias is not None:
+        z = z + bias.to(xhat.dtype)[None, :, None]
+    return z
+
+
+def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                      num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, mean, rstd)``: y like ``x``, statistics ``[N, G]`` in the compute dtype."""
+    n, c, s = x.shape
+    var, mean = torch.var_mean(x.to(compute_dtype(x)).reshape(n, num_groups, (c // num_groups) * s), dim=2, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = F.silu(_affine(_normalized(x, mean, rstd, num_groups), weight, bias))
+    out = torch.empty_like(x)
+    out.copy_(y)
+    return out, mean, rstd
+
+
+def group_norm_silu_backward_reference(
+        grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+        mean: torch.Tensor, rstd: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Returns ``(dx, dweight, dbias)``: dx like ``x``; dweight/dbias ``[C]`` in the compute dtype when
+    weight/bias are given, else None. ``grad_out`` has ``x``'s shape and strides."""
+    n, c, s = x.shape
+    xhat = _normalized(x, mean, rstd, num_groups)
+    z = _affine(xhat, weight, bias)
+    sig = torch.sigmoid(z)
+    dz = grad_out.to(z.dtype) * sig * (1 + z * (1 - sig))
+    dweight = (dz * xhat).sum(dim=(0, 2)) if weight is not None else None
+    dbias = dz.sum(dim=(0, 2)) if bias is not None else None
+    dxhat = dz * weight.to(z.dtype)[None, :, None] if weight is not None else dz
+    grouped = (n, num_groups, (c // num_groups) * s)
+    dxhat_g, xhat_g = dxhat.reshape(grouped), xhat.reshape(grouped)
+    dx_g = rstd[..., None] * (dxhat_g - dxhat_g.mean(dim=2, keepdim=True)
+                              - xhat_g * (dxhat_g * xhat_g).mean(dim=2, keepdim=True))
+    dx = torch.empty_like(x)
+    dx.copy_(dx_g.reshape(n, c, s))
+    return dx, dweight, dbias
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *)`` -> ``(N, C, S)`` without copying NCHW or channels_last input."""
+    n, c = x.shape[:2]
+    if x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)) \
+            or (x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return x.view(n, c, -1) if x.ndim > 2 else x.view(n, c, 1)
+    return x.contiguous().view(n, c, -1)
+
+
+def _empty(device) -> torch.Tensor:
+    return torch.empty(0, device=device, dtype=torch.float32)
+
+
+@torch.library.custom_op("diffkern::group_norm_silu_fwd", mutates_args=())
+def _group_norm_silu_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            num_groups: int, eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x3 = _as_3d(x)
+    y3, mean, rstd = backends.implementation(backend, "group_norm_silu_forward")(x3, weight, bias, num_groups, eps)
+    return y3.view(x.shape), mean, rstd
+
+
+@_group_norm_silu_fwd_op.register_fake
+def _(x, weight, bias, num_groups, eps, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffkern::group_norm_silu_bwd", mutates_args=())
+def _group_norm_silu_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x3 = _as_3d(x)
+    # Autograd may hand a gradient in another layout; backends take it in x's (a no-op when it matches).
+    grad3 = _as_3d(grad_out.contiguous(memory_format=_memory_format(x)))
+    dx3, dweight, dbias = backends.implementation(backend, "group_norm_silu_backward")(
+        grad3, x3, weight, bias, mean, rstd, num_groups)
+    dweight = _empty(x.device) if dweight is None else dweight.to(weight.dtype)
+    dbias = _empty(x.device) if dbias is None else dbias.to(bias.dtype)
+    return dx3.view(x.shape), dweight, dbias
+
+
+@_group_norm_silu_bwd_op.register_fake
+def _(grad_out, x, weight, bias, mean, rstd, num_groups, backend):
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty((0,), dtype=torch.float32)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(x), dweight, dbias
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.backend = num_groups, backend
+
+
+def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _group_norm_silu_bwd_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.backend)
+    return dx, (dweight if weight is not None else None), (dbias if bias is not None else None), None, None, None
+
+
+_group_norm_silu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:
+    """silu(group_norm(x, num_groups, weight, bias, eps)) in one fused op (math in the module docstring).
+
+    Args:
+        x: ``(N, C, *)``, float16/bfloat16/float32/float64, NCHW or channels_last (the output keeps it).
+        num_groups: G, dividing C.
+        weight, bias: ``[C]`` or None, any float dtype, on ``x``'s device.
+        eps: added to the variance.
+        backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
+
+    Statistics and arithmetic are fp32 for every input dtype. Differentiable in x, weight and bias.
+    """
+    C.check_tensor("x", x, ndim_min=2)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
+    channels = x.shape[1]
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels C={channels} of x")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            C.check_tensor(name, param)
+            if tuple(param.shape) != (channels,):
+                raise ValueError(f"{name} must have shape ({channels},) to match x's channels, got {tuple(param.shape)}")
+            if param.device != x.device:
+                raise ValueError(f"{name} must be on x's device {x.device}, got {param.device}")
+    C.check_float("eps", eps, low=0.0)
+    chosen = backends.resolve("group_norm_silu", backend, x.device)
+    y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, float(eps), chosen)
+    return y
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """``nn.GroupNorm`` followed by ``nn.SiLU``, fused. Same parameters and state_dict as ``nn.GroupNorm``,
+    so weights load either way: ``GroupNormSiLU(32, 320).load_state_dict(group_norm.state_dict())``."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.backend = backend
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, *, backend: str = "auto") -> "GroupNormSiLU":
+        """A fused module sharing ``norm``'s parameters (no copy)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.num_groups, fused.num_channels, fused.eps, fused.affine = \
+            norm.num_groups, norm.num_channels, norm.eps, norm.affine
+        fused.weight, fused.bias = norm.weight, norm.bias
+        fused.backend = backend
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
