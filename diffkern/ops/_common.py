@@ -6,7 +6,8 @@ the same normalised arguments (the backend contract):
 
 - samples: dense tensors with identical strides and the batch dimension outermost, so each sample is one
   contiguous run of ``numel // B`` elements in storage order (NCHW and channels_last both qualify);
-- ``alphas_cumprod``: float32, 1-D ``[T]``, on the samples' device;
+- ``alphas_cumprod``: float32, 1-D ``[T]``, on the samples' device (float64 for float64 samples, which the
+  fast backends hand to the reference);
 - timesteps: int64 ``[1]`` (shared by the batch) or ``[B]`` (per sample) on the samples' device. Python ints
   become a one-element tensor with ``torch.full`` (a fill kernel: no host-to-device copy, so no sync).
   Device tensors are not range-checked (that would sync); kernels clamp indices into the table.
@@ -86,9 +87,11 @@ def check_table(alphas_cumprod, device: torch.device) -> int:
     return alphas_cumprod.numel()
 
 
-def prepare_table(alphas_cumprod: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """float32 table on ``device``; a no-op for a float32 table already there (the fast path)."""
-    return alphas_cumprod.to(device=device, dtype=torch.float32)
+def prepare_table(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The table on ``sample``'s device in float32 (float64 for float64 samples, so that their
+    coefficients are float64 too); a no-op for a float32 table already there (the fast path)."""
+    dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    return alphas_cumprod.to(device=sample.device, dtype=dtype)
 
 
 def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, *,
@@ -191,7 +194,8 @@ def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: tor
         x0 = (sample - beta ** 0.5 * model_output) / abar ** 0.5
         eps = model_output
     elif prediction_type == "sample":
-        x0 = model_output
+        # A copy: x0 is returned by the op, and a custom op's outputs may not alias its inputs.
+        x0 = model_output.clone()
         eps = (sample - abar ** 0.5 * x0) / beta ** 0.5
     else:  # v_prediction
         x0 = abar ** 0.5 * sample - beta ** 0.5 * model_output
@@ -200,16 +204,17 @@ def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: tor
 
 
 def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
-    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), float32 ``[B]``.
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), ``[B]`` in float32 (float64 for
+    float64 x0).
 
     The quantile interpolates linearly between order statistics like ``torch.quantile`` (rank computed in
     float32 as there), but selects with ``kthvalue`` so that it has no size limit."""
-    flat = x0.reshape(x0.shape[0], -1).float().abs()
+    flat = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32)).abs()
     n = flat.shape[1]
-    rank = float(torch.tensor(ratio, dtype=torch.float32) * (n - 1))
+    rank = float(torch.tensor(ratio, dtype=flat.dtype) * (n - 1))
     below = int(math.floor(rank))
     above = min(below + 1, n - 1)
-    weight = torch.tensor(rank - below, dtype=torch.float32, device=flat.device)
+    weight = torch.tensor(rank - below, dtype=flat.dtype, device=flat.device)
     v_below = flat.kthvalue(below + 1, dim=1).values
     v_above = flat.kthvalue(above + 1, dim=1).values if above != below else v_below
     return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)

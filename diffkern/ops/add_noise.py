@@ -58,5 +58,5 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     device = original_samples.device
     chosen = backends.resolve("add_noise", backend, device)
     x0, eps = C.same_layout([original_samples, noise])
-    return _add_noise_op(x0, eps, C.prepare_table(alphas_cumprod, device),
+    return _add_noise_op(x0, eps, C.prepare_table(alphas_cumprod, x0),
                          C.prepare_timesteps(timesteps, device), chosen)

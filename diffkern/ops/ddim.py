@@ -131,7 +131,7 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         noise = None
     model_output, sample, noise = C.same_layout([model_output, sample, noise])
     prev, x0 = _ddim_step_op(
-        model_output, sample, noise, C.prepare_table(alphas_cumprod, device),
+        model_output, sample, noise, C.prepare_table(alphas_cumprod, sample),
         C.prepare_timesteps(timestep, device), C.prepare_timesteps(prev_timestep, device),
         float(final_alpha_cumprod), eta, prediction_type, clip_sample, float(clip_sample_range), thresholding,
         float(dynamic_thresholding_ratio), float(sample_max_value), use_clipped_model_output,

@@ -152,7 +152,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if learned \
         else C.same_layout(tensors)
     prev, x0 = _ddpm_step_op(
-        model_output, sample, noise, C.prepare_table(alphas_cumprod, device), t, prev_t, variance_type,
+        model_output, sample, noise, C.prepare_table(alphas_cumprod, sample), t, prev_t, variance_type,
         prediction_type, clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
         float(sample_max_value), None if guidance_scale is None else float(guidance_scale), chosen)
     return StepOutput(prev, x0)
