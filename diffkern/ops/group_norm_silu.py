@@ -55,8 +55,12 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
                                       num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(y, mean, rstd)``: y like ``x``, statistics ``[N, G]`` in the compute dtype."""
     n, c, s = x.shape
-    var, mean = torch.var_mean(x.to(compute_dtype(x)).reshape(n, num_groups, (c // num_groups) * s), dim=2, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
+    grouped = x.to(compute_dtype(x)).reshape(n, num_groups, (c // num_groups) * s)
+    # Exact two-pass statistics: robust when |mean| >> std, and (unlike torch.var_mean on CPU) fast for
+    # the many small groups of an MLP.
+    mean = grouped.mean(dim=2)
+    centred = grouped - mean[..., None]
+    rstd = torch.rsqrt((centred * centred).mean(dim=2) + eps)
     y = F.silu(_affine(_normalized(x, mean, rstd, num_groups), weight, bias))
     out = torch.empty_like(x)
     out.copy_(y)
