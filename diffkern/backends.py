@@ -142,9 +142,7 @@ def clear_cache() -> None:
     _fallbacks_logged.clear()
 
 
-@torch.compiler.assume_constant_result
 def _resolve(op: str, requested: str, device_type: str) -> str:
-    # Runs once at trace time under torch.compile: the choice is baked into the graph.
     if requested == "auto":
         env = os.environ.get(ENV_VAR, "")
         if env:
@@ -169,6 +167,14 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
             logger.warning("diffkern: %s runs on the %s backend (%s)", op, chosen, skipped)
     _last_used[op] = chosen
     return chosen
+
+
+# Under torch.compile the choice runs once at trace time and is baked into the graph as a constant. This is
+# what ``torch.compiler.assume_constant_result`` does (it sets this marker), without importing torch._dynamo
+# (seconds, and it imports triton) when diffkern is imported. Without it dynamo would trace into the
+# availability checks (file system, dlopen of the extension) on a first call under compile.
+# tests/test_api.py checks that the marker is still the one torch's decorator sets.
+_resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(op: str, backend: str, device: torch.device) -> str:

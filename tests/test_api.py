@@ -159,6 +159,24 @@ def test_opcheck_every_op(randn):
                                       "reference"))
 
 
+def test_backend_choice_is_a_compile_time_constant():
+    from torch._dynamo.decorators import assume_constant_result
+
+    def probe():
+        return "x"
+
+    marked = assume_constant_result(probe)
+    markers = [name for name in vars(marked) if name.startswith("_dynamo")]
+    assert markers and all(getattr(backends._resolve, name) == getattr(marked, name) for name in markers)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+    code = "import sys, diffkern; print(sorted(m for m in ('triton', 'torch._dynamo', 'diffusers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 def test_compiled_sampling_loop_has_no_graph_break(randn, device):
     """A DDIM loop with tensor timesteps, a DDPM step, add_noise and GroupNorm+SiLU under
     torch.compile(fullgraph=True): any graph break raises."""

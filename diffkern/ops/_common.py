@@ -214,7 +214,7 @@ def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: fl
     rank = float(torch.tensor(ratio, dtype=flat.dtype) * (n - 1))
     below = int(math.floor(rank))
     above = min(below + 1, n - 1)
-    weight = torch.tensor(rank - below, dtype=flat.dtype, device=flat.device)
+    weight = rank - below   # a python float: no host-to-device copy, so CUDA graphs can capture this
     v_below = flat.kthvalue(below + 1, dim=1).values
     v_above = flat.kthvalue(above + 1, dim=1).values if above != below else v_below
     return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)
