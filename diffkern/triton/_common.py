@@ -1,0 +1,235 @@
+"""Launch helpers and device functions shared by the Triton step kernels (add_noise, DDIM, DDPM).
+
+Layout. The backend contract (``diffkern.ops._common``) hands these kernels batch-outer dense tensors with
+identical strides, so sample ``b`` of every tensor is the contiguous storage run ``[b*n, (b+1)*n)`` with
+``n = numel // B``, whatever the memory format (NCHW, channels_last, ...). The kernels treat them as flat
+buffers and write into ``torch.empty_like(sample)``, which keeps the layout.
+
+Grid. One 1-D grid of ``B * cdiv(n, BLOCK)`` programs; program ``p`` handles block ``p % blocks_per_sample`` of
+sample ``p // blocks_per_sample``, so it has a single sample and gathers that sample's coefficients once, as
+scalars. (A 2-D ``(blocks, B)`` grid would cap the batch at CUDA's 65535 limit on grid dimension y.) All
+element offsets are int64, so tensors past 2^31 elements index correctly.
+
+Numerics. Per-sample coefficients are computed in the kernel in fp32, once per program, in diffusers' operation
+order; every sqrt and division is correctly rounded (``sqrt_rn``/``div_rn``: a few extra instructions in
+memory-bound kernels) and kernels are launched with FMA contraction off, so that every operation rounds as in
+the PyTorch reference. This matters more than it looks: epsilon prediction at large t computes
+x0 = (x - sqrt(1-a) eps) / sqrt(a) with sqrt(a) ~ 1e-2, which turns a one-ulp difference in the subtraction
+into an absolute error of ~1e-5.
+
+float64. fp64 inputs run the reference math (same results, unfused passes). fp64 is a checking dtype here (its
+tolerance is 1e-10): matching it in a kernel needs fp64 coefficients and fp64 exp/log, whose GPU lowering
+(libdevice) differs from the fp32 path and is never exercised by the interpreter runs that test these kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from diffkern.ops import _common as C
+
+# Prediction-type codes (constexpr parameters of the kernels).
+EPSILON = tl.constexpr(0)
+SAMPLE = tl.constexpr(1)
+V_PREDICTION = tl.constexpr(2)
+PREDICTION_CODES = {"epsilon": EPSILON.value, "sample": SAMPLE.value, "v_prediction": V_PREDICTION.value}
+
+# Blocks are powers of two in [MIN_BLOCK, MAX_BLOCK] with 16 elements per thread once large enough (four
+# 16-byte vectors of fp32 per tensor); every size is a multiple of 4 * num_warps * 32.
+MIN_BLOCK = 128
+MAX_BLOCK = 4096
+ELEMENTS_PER_THREAD = 16
+
+# Keyword arguments of every launch: see "Numerics" above.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+class LaunchConfig(NamedTuple):
+    block: int
+    num_warps: int
+    blocks_per_sample: int
+    grid: Tuple[int]
+
+
+def launch_config(batch: int, n: int) -> LaunchConfig:
+    """Block size, warps and grid for ``batch`` samples of ``n`` elements (``batch * n > 0``).
+
+    Small samples get small blocks (down to 128 elements) rather than a mostly masked 4096-element block."""
+    block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(n)))
+    num_warps = max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
+    blocks_per_sample = triton.cdiv(n, block)
+    return LaunchConfig(block, num_warps, blocks_per_sample, (batch * blocks_per_sample,))
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s device current for the launch (Triton launches on the current device's current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_flat_layout(*tensors: Optional[torch.Tensor]) -> None:
+    """Host-side check (metadata only, no sync) that the tensors follow the flat-buffer contract above."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    if not C.is_batch_outer_dense(first) or any(t.stride() != first.stride() for t in present[1:]):
+        raise ValueError("Triton step kernels need batch-outer dense tensors with identical strides, got strides "
+                         f"{[t.stride() for t in present]} for shapes {[tuple(t.shape) for t in present]}")
+
+
+def index_stride(t: torch.Tensor) -> int:
+    """Element stride between samples' entries of a ``[1]`` (shared: 0) or ``[B]`` per-sample tensor."""
+    return 0 if t.numel() == 1 else t.stride(0)
+
+
+def table_args(alphas_cumprod: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(table, stride, length) for the in-kernel gather; the table must be float32 on the samples' device."""
+    if alphas_cumprod.dtype != torch.float32 or alphas_cumprod.ndim != 1:
+        raise ValueError(f"alphas_cumprod must be float32 [T], got {alphas_cumprod.dtype} "
+                         f"{tuple(alphas_cumprod.shape)}")
+    return alphas_cumprod, alphas_cumprod.stride(0), alphas_cumprod.numel()
+
+
+def as_index_vector(timesteps: torch.Tensor) -> torch.Tensor:
+    """int64 ``[1 or B]`` (a view when already so; the public ops pass it so)."""
+    return timesteps.reshape(-1).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device functions.
+
+
+@triton.jit
+def program_span(n, blocks_per_sample, BLOCK: tl.constexpr):
+    """(sample index, int64 element offsets of this program's block within the sample, tail mask)."""
+    pid = tl.program_id(0).to(tl.int64)
+    sample = pid // blocks_per_sample
+    offsets = (pid - sample * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    return sample, offsets, offsets < n
+
+
+@triton.jit
+def gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample):
+    """(raw timestep, abar at the timestep clamped into [0, T-1]) of one sample, as scalars."""
+    t = tl.load(timesteps_ptr + sample * timesteps_stride)
+    index = tl.minimum(tl.maximum(t, 0), num_train - 1)
+    return t, tl.load(table_ptr + index * table_stride)
+
+
+@triton.jit
+def gather_abar_prev(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample,
+                     final_alpha_cumprod):
+    """abar at the previous timestep of one sample; a negative timestep means ``final_alpha_cumprod``."""
+    t_prev, inside = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    return tl.where(t_prev >= 0, inside, final_alpha_cumprod)
+
+
+@triton.jit
+def load_model_output(model_output_ptr, element, mask, cond_offset, guidance_scale, GUIDED: tl.constexpr):
+    """The model output at ``element`` (int64 offsets of the unconditional/only half) in fp32; with
+    ``GUIDED``, classifier-free guidance uncond + s (cond - uncond) with cond ``cond_offset`` further on."""
+    model_out = tl.load(model_output_ptr + element, mask=mask).to(tl.float32)
+    if GUIDED:
+        cond = tl.load(model_output_ptr + cond_offset + element, mask=mask).to(tl.float32)
+        model_out = model_out + guidance_scale * (cond - model_out)
+    return model_out
+
+
+@triton.jit
+def predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION: tl.constexpr):
+    """x0 from the model output (``x`` unused for ``sample`` prediction), as ``_common.predict_x0_eps``."""
+    if PREDICTION == EPSILON:
+        x0 = tl.div_rn(x - sqrt_beta * model_out, sqrt_a)
+    elif PREDICTION == SAMPLE:
+        x0 = model_out
+    else:
+        x0 = sqrt_a * x - sqrt_beta * model_out
+    return x0
+
+
+@triton.jit
+def predict_eps(x, model_out, x0, sqrt_a, sqrt_beta, PREDICTION: tl.constexpr):
+    """eps matching ``predict_x0`` (x0 before any clipping), as ``_common.predict_x0_eps``."""
+    if PREDICTION == EPSILON:
+        eps = model_out
+    elif PREDICTION == SAMPLE:
+        eps = tl.div_rn(x - sqrt_a * x0, sqrt_beta)
+    else:
+        eps = sqrt_a * model_out + sqrt_beta * x
+    return eps
+
+
+@triton.jit
+def clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP: tl.constexpr, THRESHOLD: tl.constexpr):
+    """Dynamic thresholding with the precomputed per-sample scale s (clamp to [-s, s], divide by s), or
+    clipping to [-clip_range, clip_range], or nothing. NaNs propagate as in ``torch.clamp``."""
+    if THRESHOLD:
+        s = tl.load(scale_ptr + sample)
+        x0 = tl.div_rn(tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL), s)
+    elif CLIP:
+        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+    return x0
+
+
+@triton.jit
+def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
+                   timesteps_stride, n, blocks_per_sample, model_output_sample_stride, cond_offset, guidance_scale,
+                   PREDICTION: tl.constexpr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+    """|x0| in fp32, ``[B, n]`` dense: the first pass of dynamic thresholding (same x0 as the step kernels)."""
+    sample, offsets, mask = program_span(n, blocks_per_sample, BLOCK)
+    _, a = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    sqrt_a = tl.sqrt_rn(a)
+    sqrt_beta = tl.sqrt_rn(1.0 - a)
+    model_out = load_model_output(model_output_ptr, sample * model_output_sample_stride + offsets, mask, cond_offset,
+                                  guidance_scale, GUIDED)
+    if PREDICTION == SAMPLE:
+        x = model_out  # not read: x0 is the model output itself
+    else:
+        x = tl.load(sample_ptr + sample * n + offsets, mask=mask).to(tl.float32)
+    x0 = predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION)
+    tl.store(abs_x0_ptr + sample * n + offsets, tl.abs(x0), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic thresholding, host side.
+
+
+def threshold_scale_from_abs(abs_x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), float32 ``[B]``, from |x0| ``[B, n]``.
+
+    The same selection as ``diffkern.ops._common.dynamic_threshold_scale`` (rank in float32, ``kthvalue``,
+    linear interpolation) without its ``abs`` copy, since the kernel wrote absolute values, and with the
+    interpolation weight as a Python float rather than a device tensor (no host-to-device copy). The weight
+    rank - floor(rank) is exact in float32, so both give the same result."""
+    n = abs_x0.shape[1]
+    rank = float(torch.tensor(ratio, dtype=torch.float32) * (n - 1))  # a CPU tensor: no sync
+    below = int(math.floor(rank))
+    above = min(below + 1, n - 1)
+    weight = rank - below
+    v_below = abs_x0.kthvalue(below + 1, dim=1).values
+    v_above = abs_x0.kthvalue(above + 1, dim=1).values if above != below else v_below
+    return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)
+
+
+def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
+                    timestep: torch.Tensor, *, prediction_type: str, guidance_scale: Optional[float],
+                    model_output_sample_stride: int, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per-sample dynamic-thresholding scale, float32 ``[B]``: one kernel pass writing |x0| (fp32, ``B*n``),
+    then a ``kthvalue`` selection per order statistic needed (one or two)."""
+    batch = sample.shape[0]
+    n = sample.numel() // batch
+    abs_x0 = torch.empty((batch, n), dtype=torch.float32, device=sample.device)
+    table, table_stride, num_train = table_args(alphas_cumprod)
+    cfg = launch_config(batch, n)
+    with device_guard(sample):
+        _abs_x0_kernel[cfg.grid](
+            model_output, sample, abs_x0, table, table_stride, num_train, timestep, index_stride(timestep), n,
+            cfg.blocks_per_sample, model_output_sample_stride, batch * model_output_sample_stride,
+            0.0 if guidance_scale is None else guidance_scale,
+            PREDICTION=PREDICTION_CODES[prediction_type], GUIDED=guidance_scale is not None, BLOCK=cfg.block,
+            num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
+    return threshold_scale_from_abs(abs_x0, ratio, sample_max_value)

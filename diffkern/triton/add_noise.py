@@ -1,0 +1,53 @@
+"""Triton add_noise: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise in one pass.
+
+Reads x_0 and the noise once and writes x_t once; abar_t is gathered per sample inside the kernel from the
+float32 table (index clamped into [0, T-1]) and both coefficients are computed there in fp32, so there is no
+host sync and no per-call coefficient tensor. Layout, grid and numerics: ``diffkern.triton._common``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from diffkern.ops.add_noise import add_noise_reference
+from diffkern.triton import _common as K
+
+
+@triton.jit
+def _add_noise_kernel(x0_ptr, noise_ptr, out_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
+                      timesteps_stride, n, blocks_per_sample, BLOCK: tl.constexpr):
+    sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
+    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    sqrt_a = tl.sqrt_rn(a)
+    sqrt_beta = tl.sqrt_rn(1.0 - a)
+    element = sample * n + offsets
+    x0 = tl.load(x0_ptr + element, mask=mask).to(tl.float32)
+    noise = tl.load(noise_ptr + element, mask=mask).to(tl.float32)
+    noisy = sqrt_a * x0 + sqrt_beta * noise
+    tl.store(out_ptr + element, noisy.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
+    """``add_noise_reference``'s contract: ``original_samples`` and ``noise`` ``[B, ...]`` laid out alike
+    (fp16/bf16/fp32; fp64 runs the reference), table float32 ``[T]``, timesteps int64 ``[1 or B]``.
+    Returns x_t in the samples' dtype and layout."""
+    if original_samples.dtype == torch.float64:
+        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
+        return add_noise_reference(original_samples, noise, alphas_cumprod, timesteps)
+    K.check_flat_layout(original_samples, noise)
+    out = torch.empty_like(original_samples)
+    if out.numel() == 0:
+        return out
+    batch = original_samples.shape[0]
+    n = original_samples.numel() // batch
+    table, table_stride, num_train = K.table_args(alphas_cumprod)
+    timesteps = K.as_index_vector(timesteps)
+    cfg = K.launch_config(batch, n)
+    with K.device_guard(original_samples):
+        _add_noise_kernel[cfg.grid](original_samples, noise, out, table, table_stride, num_train, timesteps,
+                                    K.index_stride(timesteps), n, cfg.blocks_per_sample, BLOCK=cfg.block,
+                                    num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+    return out

@@ -1,0 +1,118 @@
+"""Triton DDIM step: one fused kernel (two passes plus a selection with dynamic thresholding).
+
+Per sample (a = abar_t, a' = abar_prev, both gathered in the kernel; see ``diffkern.ops.ddim`` for the math):
+
+    model_out = uncond + s (cond - uncond)          (with guidance; else the model output)
+    x0, eps   = prediction(x, model_out, a)         then threshold or clip x0
+    sigma     = eta sqrt((1 - a') / (1 - a) (1 - a / a'))
+    eps       = (x - sqrt(a) x0) / sqrt(1 - a)      (use_clipped_model_output)
+    x_prev    = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z
+
+Passes over memory:
+
+- default: one kernel reads the model output (both halves with guidance), x and z (eta > 0) once each and
+  writes x_prev and x0 once each.
+- dynamic thresholding: pass 1 reads the model output (and x) and writes |x0| in fp32; ``kthvalue`` selects the
+  per-sample quantile (one or two selections over that buffer); pass 2 is the fused step above, reading the
+  per-sample scale and recomputing x0 instead of reading it back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from diffkern.ops.ddim import ddim_step_reference
+from diffkern.triton import _common as K
+
+
+@triton.jit
+def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
+                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
+                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample, cond_offset,
+                      final_alpha_cumprod, eta, clip_range, guidance_scale,
+                      PREDICTION: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr,
+                      USE_CLIPPED: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
+
+    # Per-sample scalars, in the reference's operation order.
+    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    a_prev = K.gather_abar_prev(table_ptr, table_stride, num_train, prev_timesteps_ptr, prev_timesteps_stride,
+                                sample, final_alpha_cumprod)
+    beta = 1.0 - a
+    sqrt_a = tl.sqrt_rn(a)
+    sqrt_beta = tl.sqrt_rn(beta)
+    variance = tl.div_rn(1.0 - a_prev, beta) * (1.0 - tl.div_rn(a, a_prev))
+    std = eta * tl.sqrt_rn(variance)
+    x0_coef = tl.sqrt_rn(a_prev)
+    eps_coef = tl.sqrt_rn(1.0 - a_prev - std * std)
+
+    element = sample * n + offsets
+    # Guided: the unconditional half starts at the sample's own offset (model output and sample share strides).
+    model_out = K.load_model_output(model_output_ptr, element, mask, cond_offset, guidance_scale, GUIDED)
+    x = tl.load(sample_ptr + element, mask=mask).to(tl.float32)
+    x0 = K.predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION)
+    if USE_CLIPPED:
+        x0 = K.clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP, THRESHOLD)
+        eps = tl.div_rn(x - sqrt_a * x0, sqrt_beta)
+    else:
+        eps = K.predict_eps(x, model_out, x0, sqrt_a, sqrt_beta, PREDICTION)
+        x0 = K.clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP, THRESHOLD)
+    prev = x0_coef * x0 + eps_coef * eps
+    if HAS_NOISE:
+        prev = prev + std * tl.load(noise_ptr + element, mask=mask).to(tl.float32)
+    tl.store(prev_out_ptr + element, prev.to(prev_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+
+
+def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
+              clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+              sample_max_value: float, use_clipped_model_output: bool,
+              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ddim_step_reference``'s contract: ``model_output`` ``[B or 2B, ...]`` (2B with ``guidance_scale``),
+    ``sample`` ``[B, ...]`` and ``noise`` (used when eta > 0) laid out alike, fp16/bf16/fp32 (fp64 runs the
+    reference); table float32 ``[T]``; timesteps int64 ``[1 or B]``. Returns (prev_sample,
+    pred_original_sample) in the sample's dtype and layout."""
+    if sample.dtype == torch.float64:
+        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
+        return ddim_step_reference(
+            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+            final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
+            clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+            use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
+    has_noise = eta > 0
+    if has_noise and noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise")
+    K.check_flat_layout(model_output, sample, noise if has_noise else None)
+    prev_out = torch.empty_like(sample)
+    x0_out = torch.empty_like(sample)
+    if sample.numel() == 0:
+        return prev_out, x0_out
+    batch = sample.shape[0]
+    n = sample.numel() // batch
+    table, table_stride, num_train = K.table_args(alphas_cumprod)
+    timestep = K.as_index_vector(timestep)
+    prev_timestep = K.as_index_vector(prev_timestep)
+    scale = None
+    if thresholding:
+        scale = K.threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
+                                  guidance_scale=guidance_scale, model_output_sample_stride=n,
+                                  ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+    cfg = K.launch_config(batch, n)
+    with K.device_guard(sample):
+        _ddim_step_kernel[cfg.grid](
+            model_output, sample, noise if has_noise else None, scale, prev_out, x0_out,
+            table, table_stride, num_train, timestep, K.index_stride(timestep),
+            prev_timestep, K.index_stride(prev_timestep), n, cfg.blocks_per_sample, batch * n,
+            final_alpha_cumprod, eta, clip_sample_range, 0.0 if guidance_scale is None else guidance_scale,
+            PREDICTION=K.PREDICTION_CODES[prediction_type], CLIP=clip_sample and not thresholding,
+            THRESHOLD=thresholding, USE_CLIPPED=use_clipped_model_output, HAS_NOISE=has_noise,
+            GUIDED=guidance_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+    return prev_out, x0_out

@@ -1,0 +1,148 @@
+"""Triton DDPM ancestral step: one fused kernel (two passes plus a selection with dynamic thresholding).
+
+Per sample (a = abar_t, a' = abar_prev or 1.0 when prev_timestep < 0; see ``diffkern.ops.ddpm`` for the math):
+
+    model_out = uncond + s (cond - uncond)        (with guidance; else the model output)
+    x0        = prediction(x, model_out, a)       then threshold or clip
+    alpha     = a / a',  beta = 1 - alpha
+    x_prev    = (sqrt(a') beta / (1 - a)) x0 + (sqrt(alpha) (1 - a') / (1 - a)) x  +  std z   (std = 0 at t = 0)
+
+with ``std`` per variance type; the fixed types make it a per-sample scalar, the learned ones read the
+predicted variance p per element. Learned types take a model output with 2C channels, C-contiguous: sample b's
+prediction is the n elements at ``b * 2n`` and its p the next n (with guidance, p comes from the conditional
+half, unguided, as in diffusers' pipelines).
+
+Passes over memory:
+
+- default: one kernel reads the model output (both halves with guidance; p with a learned variance), x and z
+  once each and writes x_prev and x0 once each.
+- dynamic thresholding: pass 1 reads the model output (and x) and writes |x0| in fp32; ``kthvalue`` selects the
+  per-sample quantile (one or two selections over that buffer); pass 2 is the fused step above.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step_reference
+from diffkern.triton import _common as K
+
+FIXED_SMALL = tl.constexpr(0)
+FIXED_SMALL_LOG = tl.constexpr(1)
+FIXED_LARGE = tl.constexpr(2)  # and fixed_large_log: diffusers' NaN there is a bug, the intended std is sqrt(beta)
+LEARNED = tl.constexpr(3)
+LEARNED_RANGE = tl.constexpr(4)
+VARIANCE_CODES = {"fixed_small": FIXED_SMALL.value, "fixed_small_log": FIXED_SMALL_LOG.value,
+                  "fixed_large": FIXED_LARGE.value, "fixed_large_log": FIXED_LARGE.value,
+                  "learned": LEARNED.value, "learned_range": LEARNED_RANGE.value}
+
+
+@triton.jit
+def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
+                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
+                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample,
+                      model_output_sample_stride, cond_offset, variance_offset, clip_range, guidance_scale,
+                      PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
+                      THRESHOLD: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
+
+    # Per-sample scalars, in the reference's operation order.
+    t, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    a_prev = K.gather_abar_prev(table_ptr, table_stride, num_train, prev_timesteps_ptr, prev_timesteps_stride,
+                                sample, 1.0)
+    alpha = tl.div_rn(a, a_prev)
+    beta = 1.0 - alpha
+    sqrt_a = tl.sqrt_rn(a)
+    sqrt_one_minus_a = tl.sqrt_rn(1.0 - a)
+    x0_coef = tl.div_rn(tl.sqrt_rn(a_prev) * beta, 1.0 - a)
+    x_coef = tl.div_rn(tl.sqrt_rn(alpha) * (1.0 - a_prev), 1.0 - a)
+
+    element = sample * n + offsets
+    model_element = sample * model_output_sample_stride + offsets
+    model_out = K.load_model_output(model_output_ptr, model_element, mask, cond_offset, guidance_scale, GUIDED)
+    x = tl.load(sample_ptr + element, mask=mask).to(tl.float32)
+    x0 = K.predict_x0(x, model_out, sqrt_a, sqrt_one_minus_a, PREDICTION)
+    x0 = K.clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP, THRESHOLD)
+    prev = x0_coef * x0 + x_coef * x
+
+    if HAS_NOISE:
+        posterior_variance = tl.maximum(tl.div_rn(1.0 - a_prev, 1.0 - a) * beta, 1e-20,
+                                        propagate_nan=tl.PropagateNan.ALL)
+        if VARIANCE == FIXED_SMALL:
+            std = tl.sqrt_rn(posterior_variance)
+        elif VARIANCE == FIXED_SMALL_LOG:
+            std = tl.exp(0.5 * tl.log(posterior_variance))
+        elif VARIANCE == FIXED_LARGE:
+            std = tl.sqrt_rn(beta)
+        else:
+            predicted = tl.load(model_output_ptr + variance_offset + model_element, mask=mask).to(tl.float32)
+            if VARIANCE == LEARNED:
+                std = tl.sqrt_rn(predicted)
+            else:
+                frac = (predicted + 1.0) * 0.5
+                std = tl.exp(0.5 * (frac * tl.log(beta) + (1.0 - frac) * tl.log(posterior_variance)))
+        # No noise at t = 0 (the raw timestep, as diffusers tests it); where() also drops a NaN std there.
+        std = tl.where(t > 0, std, 0.0)
+        prev = prev + std * tl.load(noise_ptr + element, mask=mask).to(tl.float32)
+
+    tl.store(prev_out_ptr + element, prev.to(prev_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+
+
+def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+              thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ddpm_step_reference``'s contract: ``model_output`` ``[B or 2B, C or 2C, ...]`` (2C for learned variance
+    types, and then every tensor C-contiguous), ``sample`` ``[B, C, ...]`` and ``noise`` (or None: no noise)
+    laid out alike, fp16/bf16/fp32 (fp64 runs the reference); table float32 ``[T]``; timesteps int64
+    ``[1 or B]``. Returns (prev_sample, pred_original_sample) in the sample's dtype and layout."""
+    if sample.dtype == torch.float64:
+        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
+        return ddpm_step_reference(
+            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
+            prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+            thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if learned:
+        # The 2C-channel output is split per sample in storage order: only C order splits it by channel.
+        if not all(t is None or t.is_contiguous() for t in (model_output, sample, noise)):
+            raise ValueError("ddpm_step with a learned variance needs contiguous tensors")
+    else:
+        K.check_flat_layout(model_output, sample, noise)
+    prev_out = torch.empty_like(sample)
+    x0_out = torch.empty_like(sample)
+    if sample.numel() == 0:
+        return prev_out, x0_out
+    batch = sample.shape[0]
+    n = sample.numel() // batch
+    model_output_sample_stride = 2 * n if learned else n
+    cond_offset = batch * model_output_sample_stride if guidance_scale is not None else 0
+    table, table_stride, num_train = K.table_args(alphas_cumprod)
+    timestep = K.as_index_vector(timestep)
+    prev_timestep = K.as_index_vector(prev_timestep)
+    scale = None
+    if thresholding:
+        scale = K.threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
+                                  guidance_scale=guidance_scale,
+                                  model_output_sample_stride=model_output_sample_stride,
+                                  ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+    cfg = K.launch_config(batch, n)
+    with K.device_guard(sample):
+        _ddpm_step_kernel[cfg.grid](
+            model_output, sample, noise, scale, prev_out, x0_out,
+            table, table_stride, num_train, timestep, K.index_stride(timestep),
+            prev_timestep, K.index_stride(prev_timestep), n, cfg.blocks_per_sample,
+            model_output_sample_stride, cond_offset, cond_offset + n,
+            clip_sample_range, 0.0 if guidance_scale is None else guidance_scale,
+            PREDICTION=K.PREDICTION_CODES[prediction_type], VARIANCE=VARIANCE_CODES[variance_type],
+            CLIP=clip_sample and not thresholding, THRESHOLD=thresholding, HAS_NOISE=noise is not None,
+            GUIDED=guidance_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+    return prev_out, x0_out
