@@ -10,6 +10,8 @@ from diffkern.ops.add_noise import add_noise
 from diffkern.ops.ddim import StepOutput, ddim_step
 from diffkern.ops.ddpm import ddpm_step
 from diffkern.ops.group_norm_silu import GroupNormSiLU, group_norm_silu
+from diffkern.patching import patch_groupnorm_silu, unpatch_groupnorm_silu
+from diffkern.sampling import sample
 from diffkern.schedules import NoiseSchedule, alphas_cumprod, make_betas
 
 __version__ = "0.1.0"
@@ -27,4 +29,7 @@ __all__ = [
     "ddpm_step",
     "group_norm_silu",
     "make_betas",
+    "patch_groupnorm_silu",
+    "sample",
+    "unpatch_groupnorm_silu",
 ]

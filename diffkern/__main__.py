@@ -54,18 +54,28 @@ def info() -> int:
     return 0
 
 
+COMMANDS = {
+    "info": "versions, the device, and which backends are usable here and why",
+    "demo": "the 2-D toy problem end to end on the CPU (trains, samples, writes a PNG)",
+    "bench": "benchmark tables (time, GB/s, % of copy bandwidth, speedups); --help for its options",
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m diffkern", description="diffkern command line")
-    parser.add_argument("command", choices=("info", "demo", "bench"),
-                        help="info: versions and backends; demo: the 2-D toy problem end to end on the CPU; "
-                             "bench: benchmark tables")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "info":
-        if rest:
-            parser.error(f"info takes no arguments, got {rest}")
+    # Each command parses its own options (so `bench --help` shows bench's), hence the dispatch on argv[0].
+    if not argv or argv[0] not in COMMANDS:
+        parser = argparse.ArgumentParser(
+            prog="python -m diffkern", formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="commands:\n" + "\n".join(f"  {name:<6} {text}" for name, text in COMMANDS.items()))
+        parser.add_argument("command", choices=COMMANDS)
+        parser.parse_args(argv)  # exits with usage (or help) since argv names no command
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        argparse.ArgumentParser(prog="python -m diffkern info", description=COMMANDS["info"]).parse_args(rest)
         return info()
-    if args.command == "demo":
+    if command == "demo":
         from diffkern import demo
         return demo.main(rest)
     from diffkern import bench

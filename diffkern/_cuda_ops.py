@@ -1,0 +1,198 @@
+"""The ``cuda`` backend: the CUDA extension's ops (``csrc/``) behind the reference backends' signatures.
+
+The extension defines ``diffkern::add_noise_cuda``, ``ddim_step_cuda``, ``ddpm_step_cuda``,
+``group_norm_silu_fwd_cuda`` and ``group_norm_silu_bwd_cuda`` (schemas and int codes in
+``csrc/registration.cpp``). Importing this module loads nothing: the first call loads the library through
+``diffkern._extension.load()`` and then registers the ops' fake kernels (they do not exist before), so that
+``torch.compile`` can trace calls to them.
+
+Passes over memory per call (n = elements of the samples):
+
+- ``add_noise``: one kernel, reads x_0 and noise, writes x_t.
+- ``ddim_step`` / ``ddpm_step``: one kernel reading the model output (both halves with guidance) and the
+  sample (+ noise) once and writing prev_sample and pred_original_sample. With ``thresholding`` the
+  per-sample quantile needs x0 first: a first launch writes the unclipped x0 (float32), torch's
+  ``kthvalue`` reduces it to the scale s (``_common.dynamic_threshold_scale``, identical to the reference),
+  and the step runs with s: 2 launches + the quantile.
+- ``group_norm_silu``: see ``csrc/group_norm_silu.cu`` (1-2 kernels forward, 2-3 backward).
+
+float64 inputs run on the reference (the kernels compute in fp32 by design; float64 is for gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional, Tuple
+
+import torch
+
+from diffkern.ops import _common as C
+
+PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
+                  "learned_range": 5}
+OP_NAMES = ("add_noise_cuda", "ddim_step_cuda", "ddpm_step_cuda", "group_norm_silu_fwd_cuda",
+            "group_norm_silu_bwd_cuda")
+
+_lock = threading.Lock()
+_ready = False
+_fakes_registered = False
+
+
+def _ops():
+    """``torch.ops.diffkern`` once the extension is loaded and its fake kernels registered (idempotent)."""
+    global _ready
+    if not _ready:
+        with _lock:
+            if not _ready:
+                from diffkern import _extension
+
+                _extension.load()
+                _register_fakes()
+                _ready = True
+    return torch.ops.diffkern
+
+
+def _per_sample_numel(sample: torch.Tensor) -> int:
+    return math.prod(sample.shape[1:])
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the five ops; called once, right after the library is loaded."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("diffkern::add_noise_cuda")
+    def _(original_samples, noise, alphas_cumprod, timesteps):
+        return torch.empty_like(original_samples)
+
+    def step_outputs(sample, x0_only):
+        if x0_only:
+            x0 = sample.new_empty((sample.shape[0], _per_sample_numel(sample)), dtype=torch.float32)
+            return x0, sample.new_empty((0,), dtype=torch.float32)
+        return torch.empty_like(sample), torch.empty_like(sample)
+
+    @torch.library.register_fake("diffkern::ddim_step_cuda")
+    def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, final_alpha_cumprod, eta,
+          prediction_type, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output, guidance_scale,
+          x0_only=False):
+        return step_outputs(sample, x0_only)
+
+    @torch.library.register_fake("diffkern::ddpm_step_cuda")
+    def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type, prediction_type,
+          clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only=False):
+        return step_outputs(sample, x0_only)
+
+    @torch.library.register_fake("diffkern::group_norm_silu_fwd_cuda")
+    def _(x, weight, bias, num_groups, eps, split=0):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("diffkern::group_norm_silu_bwd_cuda")
+    def _(grad_out, x, weight, bias, mean, rstd, num_groups, split=0):
+        channels = x.shape[1]
+        dweight = x.new_empty((channels if weight is not None else 0,), dtype=torch.float32)
+        dbias = x.new_empty((channels if bias is not None else 0,), dtype=torch.float32)
+        return torch.empty_like(x), dweight, dbias
+
+    _fakes_registered = True
+
+
+def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
+    if original_samples.dtype == torch.float64:
+        from diffkern.ops.add_noise import add_noise_reference
+
+        return add_noise_reference(original_samples, noise, alphas_cumprod, timesteps)
+    return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, timesteps)
+
+
+def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
+              clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+              sample_max_value: float, use_clipped_model_output: bool,
+              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if sample.dtype == torch.float64:
+        from diffkern.ops.ddim import ddim_step_reference
+
+        return ddim_step_reference(
+            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+            final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
+            clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+            use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
+    ops = _ops()
+    pred = PREDICTION_CODES[prediction_type]
+    noise = noise if eta > 0 else None
+    scale = None
+    if thresholding:
+        x0, _ = ops.ddim_step_cuda(model_output, sample, None, alphas_cumprod, timestep, prev_timestep,
+                                   final_alpha_cumprod, eta, pred, False, clip_sample_range, None, False,
+                                   guidance_scale, True)
+        scale = C.dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value)
+    prev, x0 = ops.ddim_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+                                  final_alpha_cumprod, eta, pred, clip_sample, clip_sample_range, scale,
+                                  use_clipped_model_output, guidance_scale, False)
+    return prev, x0
+
+
+def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+              thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if sample.dtype == torch.float64:
+        from diffkern.ops.ddpm import ddpm_step_reference
+
+        return ddpm_step_reference(
+            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
+            prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+            thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    ops = _ops()
+    pred = PREDICTION_CODES[prediction_type]
+    var = VARIANCE_CODES[variance_type]
+    scale = None
+    if thresholding:
+        x0, _ = ops.ddpm_step_cuda(model_output, sample, None, alphas_cumprod, timestep, prev_timestep, var, pred,
+                                   False, clip_sample_range, None, guidance_scale, True)
+        scale = C.dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value)
+    prev, x0 = ops.ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, var, pred,
+                                  clip_sample, clip_sample_range, scale, guidance_scale, False)
+    return prev, x0
+
+
+def _param(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if p is None else p.contiguous()
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dtype == torch.float64:
+        from diffkern.ops.group_norm_silu import group_norm_silu_forward_reference
+
+        return group_norm_silu_forward_reference(x, weight, bias, num_groups, eps)
+    y, mean, rstd = _ops().group_norm_silu_fwd_cuda(x, _param(weight), _param(bias), num_groups, eps)
+    return y, mean, rstd
+
+
+def group_norm_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int
+                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if x.dtype == torch.float64:
+        from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference
+
+        return group_norm_silu_backward_reference(grad_out, x, weight, bias, mean, rstd, num_groups)
+    if not _same_strides(grad_out, x):
+        # The contract hands grad_out in x's strides; keep the kernels' invariant if a caller does not.
+        grad_out = torch.empty_like(x).copy_(grad_out)
+    dx, dweight, dbias = _ops().group_norm_silu_bwd_cuda(
+        grad_out, x, _param(weight), _param(bias), mean.float().contiguous(), rstd.float().contiguous(), num_groups)
+    return dx, (dweight if weight is not None else None), (dbias if bias is not None else None)

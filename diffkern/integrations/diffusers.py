@@ -1,0 +1,300 @@
+"""diffusers schedulers whose ``step`` and ``add_noise`` run on diffkern's fused ops.
+
+Swapping the scheduler of a pipeline is the whole change::
+
+    from diffkern.integrations.diffusers import FusedDDIMScheduler
+    pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
+
+``FusedDDIMScheduler`` and ``FusedDDPMScheduler`` subclass ``DDIMScheduler`` and ``DDPMScheduler``: the same
+config (it round-trips both ways through ``from_config``, ``save_config`` and ``from_pretrained``), the same
+``set_timesteps``, ``scale_model_input`` and ``timesteps``, and ``step``/``add_noise`` with the parents'
+signatures and return types. The config maps onto the ops' options one to one: ``prediction_type``,
+``clip_sample``/``clip_sample_range``, ``thresholding``/``dynamic_thresholding_ratio``/``sample_max_value``,
+DDIM's final abar (1.0 with ``set_alpha_to_one``, else abar[0]) and DDPM's ``variance_type``; betas, the beta
+schedule and ``rescale_betas_zero_snr`` are already folded into the parent's ``alphas_cumprod``, which the ops
+index (one float32 copy per device, cached; float64 for float64 samples). The previous timestep is the
+parent's: DDIM ``t - N // n`` for every spacing, DDPM the next entry of ``timesteps`` after ``set_timesteps``
+and ``t - 1`` before.
+
+``backend`` (``auto``, ``reference``, ``triton``, ``cuda``) picks the implementation; it is a constructor and
+``from_config`` keyword and an attribute, never part of the config.
+
+Where the fused schedulers deliberately differ from diffusers 0.42:
+
+- No host syncs. A timestep that is a device tensor (what iterating ``scheduler.timesteps`` yields after
+  ``set_timesteps(n, device="cuda")``) is never read on the host: abar is gathered on the device, and DDPM's
+  previous timestep comes from a lookup table built on the device at the first step after ``set_timesteps``
+  (diffusers searches ``timesteps`` with ``.nonzero()`` and compares on the host, about 13 syncs per DDPM step
+  and 6 per DDIM step). This also makes the step capturable in a CUDA graph and compilable.
+- Per-sample timesteps: ``step`` accepts ``[B]`` timesteps (diffusers raises).
+- DDPM with a device timestep cannot know on the host whether t = 0, so it also draws noise on the last step
+  and gives it zero weight: the samples are diffusers', but the generator ends one draw further along.
+- A DDPM timestep that is not in ``timesteps`` (diffusers raises an IndexError) steps to the largest scheduled
+  timestep below it, or to -1.
+- ``variance_type="fixed_large_log"`` uses the intended std sqrt(beta_t); diffusers takes the square root of
+  log(beta_t) < 0 and returns NaN.
+- float16/bfloat16: coefficients and arithmetic are float32 with one rounding of the result; diffusers rounds
+  abar to the sample dtype first (in bfloat16 its ``add_noise`` adds no noise at all for small t). In float32
+  the results agree to rounding.
+- Dynamic thresholding selects the quantile with ``kthvalue``: same values as ``torch.quantile``, which
+  diffusers uses, without its 16M-element limit.
+- ``add_noise`` leaves ``self.alphas_cumprod`` where it is (the parent moves it to the samples' device).
+- ``model_output`` must have the sample's dtype (diffusers silently promotes); a learned variance type needs a
+  model output with 2C channels (diffusers fails later with a less helpful error).
+
+Saving a pipeline records the fused class name; swap back (``DDIMScheduler.from_config(pipe.scheduler.config)``)
+before ``save_pretrained`` if the result must load without diffkern.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+try:
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError("diffkern.integrations.diffusers needs the diffusers package: "
+                      "pip install diffkern[diffusers]") from exc
+
+from diffkern import backends
+from diffkern.ops.add_noise import add_noise as _add_noise
+from diffkern.ops.ddim import ddim_step
+from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step
+
+__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler"]
+
+Timestep = Union[int, torch.Tensor]
+GeneratorArg = Optional[Union[torch.Generator, list]]
+
+
+def _timestep(name: str, value) -> Timestep:
+    """A Python int for host values (ints, numpy integers, one-element CPU integer tensors: reading those costs
+    no device sync), the tensor itself otherwise. The ops validate what is left and name ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor):
+        is_int = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if is_int and value.device.type == "cpu" and value.numel() == 1 and not torch.compiler.is_compiling():
+            return int(value.reshape(()))
+        return value.reshape(-1) if value.ndim > 1 else value
+    raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}")
+
+
+def _may_be_positive(t: Timestep) -> bool:
+    """Whether a step at ``t`` adds noise; a device tensor is not read (that would sync), so it may."""
+    if isinstance(t, int):
+        return t > 0
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return bool((t > 0).any())
+    return True
+
+
+def _check_tensors(**tensors) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_backend(backend) -> str:
+    choices = ("auto",) + backends.BACKENDS
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    return backend
+
+
+def _signature_with_backend(parent: type) -> inspect.Signature:
+    """The parent's ``__init__`` signature plus a keyword-only ``backend``.
+
+    diffusers reads the config keys a class accepts from ``inspect.signature(cls.__init__)``, so the subclass
+    ``__init__`` (which takes ``*args, **kwargs``) must advertise the parent's parameters. ``backend`` is listed
+    too, so ``from_config(config, backend=...)`` and ``from_pretrained(..., backend=...)`` pass it through; it
+    never enters the config, which the parent's ``register_to_config`` builds from its own signature."""
+    sig = inspect.signature(parent.__init__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=str)
+    return sig.replace(parameters=params + [backend] + var_kw)
+
+
+class _FusedSchedulerMixin:
+    """Per-device float32 abar tables, the ``backend`` attribute and the fused ``add_noise``."""
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = backend
+        self._abar_source: Optional[torch.Tensor] = None
+        self._abar_tables: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def backend(self) -> str:
+        """``auto``, ``reference``, ``triton`` or ``cuda``: the implementation ``step``/``add_noise`` run on."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = _check_backend(value)
+
+    def _abar(self, like: torch.Tensor) -> torch.Tensor:
+        """``alphas_cumprod`` on ``like``'s device, in float32 (float64 for float64 samples, as the ops want),
+        copied there once. Rebuilt if the attribute is replaced (the parent's ``get_velocity`` moves it)."""
+        if self._abar_source is not self.alphas_cumprod:
+            self._abar_source, self._abar_tables = self.alphas_cumprod, {}
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (like.device, dtype)
+        table = self._abar_tables.get(key)
+        if table is None:
+            table = self._abar_tables[key] = self.alphas_cumprod.to(device=like.device, dtype=dtype)
+        return table
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.IntTensor) -> torch.Tensor:
+        """The forward process x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, fused (see
+        :func:`diffkern.add_noise`): ``original_samples`` and ``noise`` ``[B, ...]`` of one dtype and device,
+        ``timesteps`` an int, 0-d or ``[B]`` integer tensor. Coefficients are float32 for every sample dtype."""
+        _check_tensors(original_samples=original_samples, noise=noise)
+        t = _timestep("timesteps", timesteps)
+        return _add_noise(original_samples, noise, t, self._abar(original_samples), backend=self.backend)
+
+
+class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
+    """``DDIMScheduler`` with the step and ``add_noise`` fused (differences from diffusers: module docstring).
+
+    >>> scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config, backend="triton")
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fused(backend)
+
+    __init__.__signature__ = _signature_with_backend(DDIMScheduler)
+
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: Optional[bool] = False, generator: GeneratorArg = None,
+             variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True) -> Union[DDIMSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """One DDIM step from ``timestep`` to ``timestep - num_train_timesteps // num_inference_steps``.
+
+        Args:
+            model_output: ``[B, ...]``, the sample's dtype and device.
+            timestep: int, 0-d or ``[B]`` integer tensor (host or device).
+            sample: x_t ``[B, ...]``, float16/bfloat16/float32/float64.
+            eta: noise weight (0: deterministic DDIM).
+            use_clipped_model_output: re-derive epsilon from the clipped/thresholded x0.
+            generator: a generator or a list of B generators (diffusers' ``randn_tensor``) for the eta > 0 noise.
+            variance_noise: the eta > 0 noise itself, like ``sample`` (instead of ``generator``).
+            return_dict: a ``DDIMSchedulerOutput`` if True, else ``(prev_sample, pred_original_sample)``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        _check_tensors(model_output=model_output, sample=sample)
+        t = _timestep("timestep", timestep)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise, not both")
+            # diffusers' own draw (one randn of model_output's shape and dtype), so seeds reproduce its samples.
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        cfg = self.config
+        prev_sample, x0 = ddim_step(
+            model_output, t, sample, self._abar(sample), prev_timestep=prev_t, eta=eta, noise=noise,
+            prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+            # DDIMPipeline passes None for "not set"; diffusers only tests truthiness.
+            use_clipped_model_output=bool(use_clipped_model_output),
+            final_alpha_cumprod=float(self.final_alpha_cumprod), backend=self.backend)
+        if not return_dict:
+            return prev_sample, x0
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
+    """``DDPMScheduler`` with the step and ``add_noise`` fused (differences from diffusers: module docstring)."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fused(backend)
+        self._prev_source: Optional[torch.Tensor] = None
+        self._prev_tables: Dict[torch.device, torch.Tensor] = {}
+
+    __init__.__signature__ = _signature_with_backend(DDPMScheduler)
+
+    def _prev_table(self, device: torch.device) -> torch.Tensor:
+        """int64 ``[T]``: entry t is the largest scheduled timestep below t, or -1. For a timestep in the
+        strictly descending ``self.timesteps`` that is the next entry, i.e. diffusers' ``previous_timestep``.
+        Built on the device of ``timesteps`` without a sync (a scatter and a cumulative max) the first time it is
+        needed after ``timesteps`` changes, then copied once per device."""
+        if self._prev_source is not self.timesteps:
+            self._prev_source, self._prev_tables = self.timesteps, {}
+        table = self._prev_tables.get(device)
+        if table is None:
+            num_train = self.config.num_train_timesteps
+            scheduled = self.timesteps.to(torch.int64)
+            marks = torch.full((num_train,), -1, dtype=torch.int64, device=scheduled.device)
+            marks.scatter_(0, scheduled.clamp(0, num_train - 1), scheduled)
+            at_or_below = torch.cummax(marks, dim=0).values
+            strictly_below = torch.cat([marks.new_full((1,), -1), at_or_below[:-1]])
+            table = self._prev_tables[device] = strictly_below.to(device)
+        return table
+
+    def _previous(self, t: Timestep, device: torch.device) -> Timestep:
+        """diffusers' ``previous_timestep(t)``, on the device: ``t - 1`` until ``set_timesteps``, else a lookup."""
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return t - 1
+        table = self._prev_table(device)
+        last = table.numel() - 1
+        if isinstance(t, int):
+            return table[min(max(t, 0), last)]
+        # index_select, not table[t]: Python indexing reads a 0-d index tensor on the host. Clamped like the ops
+        # clamp their gathers; the step validates t itself.
+        index = t.reshape(-1).to(device=device, dtype=torch.int64).clamp(0, last)
+        return table.index_select(0, index).reshape(t.shape)
+
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: GeneratorArg = None,
+             return_dict: bool = True) -> Union[DDPMSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """One DDPM ancestral step from ``timestep`` to the previous scheduled timestep.
+
+        Args:
+            model_output: ``[B, C, ...]``, or ``[B, 2C, ...]`` (prediction, then variance) for the ``learned`` and
+                ``learned_range`` variance types; the sample's dtype and device.
+            timestep: int, 0-d or ``[B]`` integer tensor (host or device).
+            sample: x_t ``[B, C, ...]``, float16/bfloat16/float32/float64.
+            generator: a generator or a list of B generators (diffusers' ``randn_tensor``).
+            return_dict: a ``DDPMSchedulerOutput`` if True, else ``(prev_sample, pred_original_sample)``.
+        """
+        _check_tensors(model_output=model_output, sample=sample)
+        t = _timestep("timestep", timestep)
+        variance_type = self.variance_type
+        if variance_type in LEARNED_VARIANCE_TYPES and sample.ndim >= 2 and model_output.ndim >= 2 \
+                and model_output.shape[1] != 2 * sample.shape[1]:
+            raise ValueError(f"model_output must have 2 * {sample.shape[1]} channels (the prediction, then the "
+                             f"variance) for variance_type={variance_type!r}, got shape {tuple(model_output.shape)}")
+        device = sample.device
+        prev_t = self._previous(t, device)
+        noise = None
+        if _may_be_positive(t):
+            # diffusers' own draw (one randn like the sample, in model_output's dtype), so seeds reproduce it.
+            noise = randn_tensor(sample.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+        cfg = self.config
+        prev_sample, x0 = ddpm_step(
+            model_output, t, sample, self._abar(sample), prev_timestep=prev_t, noise=noise,
+            variance_type=variance_type, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+            clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+            backend=self.backend)
+        if not return_dict:
+            return prev_sample, x0
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -1,0 +1,216 @@
+"""A sampling loop that stays on the device: DDIM or DDPM over a table of timesteps, optionally as a CUDA graph.
+
+:func:`sample` runs, for ``i = 0 .. n-1`` over a strictly descending timestep tensor ``ts`` of length n::
+
+    t, t_prev = ts[i], (ts[i + 1] if i + 1 < n else -1)
+    out       = model_fn(x, t)                       # model_fn(cat([x, x]), t) with guidance_scale
+    x         = ddim_step / ddpm_step(out, t, x, prev_timestep=t_prev, ...).prev_sample
+
+Everything the loop indexes (the timesteps, their successors, the abar table) is moved to the samples'
+device once, before the first step; each step then picks its timestep with a device-side index, so the host never
+waits for the device: no ``.item()``, no Python comparison of device values. That is also what makes the loop
+capturable as a CUDA graph (``capture=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from diffkern import backends
+from diffkern.ops import _common as C
+from diffkern.ops.ddim import ddim_step
+from diffkern.ops.ddpm import ddpm_step
+
+METHODS = ("ddim", "ddpm")
+
+# The step options each method takes through ``**step_options``; the loop itself owns timestep, prev_timestep,
+# noise, generator, eta, guidance_scale and backend.
+STEP_OPTIONS = {
+    "ddim": ("prediction_type", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+             "sample_max_value", "use_clipped_model_output", "final_alpha_cumprod"),
+    "ddpm": ("variance_type", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+             "dynamic_thresholding_ratio", "sample_max_value"),
+}
+
+# Eager runs before capture, so that lazily created state (cuBLAS/cuDNN handles, Triton compilation and
+# autotuning, allocator pools) exists before the graph records the kernels.
+_CAPTURE_WARMUP_RUNS = 3
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+           method: str = "ddim", eta: float = 0.0, guidance_scale: Optional[float] = None,
+           generator: Optional[torch.Generator] = None, capture: bool = False, backend: str = "auto",
+           **step_options) -> torch.Tensor:
+    """Denoise ``x_T`` along ``timesteps`` with DDIM or DDPM steps; returns the final sample x_0.
+
+    Args:
+        model_fn: ``model_fn(x, t) -> output``. ``x`` is ``[B, ...]`` in ``x_T``'s dtype (``[2B, ...]``, the
+            batch twice, with ``guidance_scale``); ``t`` is a 0-d int64 tensor on ``x_T``'s device, shared by
+            the batch. The output is ``x``'s shape (``[B or 2B, 2C, ...]`` for DDPM's learned variance types),
+            dtype and device. Wrap a diffusers model as ``lambda x, t: unet(x, t).sample``.
+        x_T: the initial noise ``[B, C, ...]``, float16/bfloat16/float32/float64.
+        alphas_cumprod: the abar table ``[T]`` (any float dtype, CPU or ``x_T``'s device); copied to the device
+            once, in float32 (float64 for float64 samples).
+        timesteps: strictly descending 1-D integer tensor of values in ``[0, T)``, e.g. a diffusers scheduler's
+            ``timesteps``. Order and range are checked when it is on the CPU; a device tensor is trusted (reading
+            it would stall the host).
+        method: ``"ddim"`` (:func:`diffkern.ddim_step`) or ``"ddpm"`` (:func:`diffkern.ddpm_step`).
+        eta: DDIM's noise weight (0: deterministic). Must be 0 for DDPM.
+        guidance_scale: classifier-free guidance, fused into the step. Convention: ``model_fn`` receives
+            ``cat([x, x])`` and returns the unconditional prediction for the first B samples and the conditional
+            one for the last B (it supplies the two conditionings itself, e.g. ``cat([uncond_emb, cond_emb])``);
+            the step uses ``uncond + guidance_scale * (cond - uncond)``.
+        generator: draws the step noise (DDIM with eta > 0, DDPM) like diffusers does. A generator on
+            ``x_T``'s device keeps the loop free of host round trips; a CPU generator reproduces diffusers' CPU
+            draws but copies each step's noise to the device. ``capture=True`` needs a CUDA generator (or None:
+            the default CUDA generator).
+        capture: run the loop as a CUDA graph (CUDA tensors only). One step is captured, with the step index
+            in a device counter that the graph advances, and replayed n times; ``model_fn`` must be capturable
+            (no host syncs, no CPU tensors, no data-dependent Python control flow). See the notes below.
+        backend: ``auto``, ``reference``, ``triton`` or ``cuda`` for the step ops.
+        **step_options: passed to the step: DDIM ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
+            ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``, ``use_clipped_model_output``,
+            ``final_alpha_cumprod``; DDPM ``variance_type`` and the same x0 options. Defaults are the ops'.
+
+    Returns:
+        The final sample, ``x_T``'s shape and dtype (its memory format is the step ops' choice: channels_last
+        survives when the model output is channels_last too).
+
+    Noise and determinism: the eager loop draws each step's noise with ``generator`` in step order. With a
+    device timestep the DDPM step cannot tell on the host whether t = 0, so it also draws (and zero-weights)
+    noise on the last step: the samples equal diffusers', the generator simply ends one draw further. Under
+    ``capture=True`` the noise is generated *inside* the graph from ``generator``'s Philox state: CUDA graphs
+    register the generator and each replay advances its offset by one step's draws, so replay i draws exactly
+    what eager step i draws from the same starting state, and the captured result equals the eager one. The
+    warm-up runs draw from a clone of the generator, so they do not advance it. Pre-drawn noise would also work
+    but costs n noise tensors of memory; drawing in the graph costs nothing.
+
+    The eager loop runs in the caller's autograd mode (sampling can be differentiated through); the captured
+    loop runs under ``torch.no_grad()``. Setting up a capture synchronises the device once (CUDA graphs require
+    it); the replays do not.
+    """
+    _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
+              step_options)
+    device = x_T.device
+    table = C.prepare_table(alphas_cumprod, x_T)
+    ts = timesteps.to(device=device, dtype=torch.int64)
+    # Successor of each entry, -1 after the last: "past the first step" for both step ops.
+    prevs = torch.cat([ts[1:], ts.new_full((1,), -1)])
+    guided = guidance_scale is not None
+    guidance = float(guidance_scale) if guided else None
+    eta = float(eta)
+
+    def step(x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
+        model_in = torch.cat([x, x]) if guided else x
+        out = model_fn(model_in, t)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model_fn must return a torch.Tensor, got {type(out).__name__}"
+                            " (for a diffusers model use lambda x, t: unet(x, t).sample)")
+        if method == "ddim":
+            return ddim_step(out, t, x, table, prev_timestep=prev, eta=eta, generator=gen, guidance_scale=guidance,
+                             backend=backend, **step_options).prev_sample
+        return ddpm_step(out, t, x, table, prev_timestep=prev, generator=gen, guidance_scale=guidance,
+                         backend=backend, **step_options).prev_sample
+
+    if capture:
+        return _sample_captured(step, x_T, ts, prevs, generator)
+    x = x_T
+    for i in range(ts.numel()):
+        # Indexing with a Python int is a view of the device tensor: no transfer, no sync.
+        x = step(x, ts[i], prevs[i], generator)
+    return x
+
+
+def _sample_captured(step, x_T: torch.Tensor, ts: torch.Tensor, prevs: torch.Tensor,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Captures one step that reads its timestep through a device counter and advances it, then replays it
+    ``len(ts)`` times. ``static_x`` (allocated outside the graph's pool, so safe to return) is the graph's
+    input and output."""
+    device = x_T.device
+    default_gen = torch.cuda.default_generators[device.index]
+    gen = default_gen if generator is None else generator
+    static_x = x_T.clone()
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def body(step_gen: torch.Generator) -> None:
+        # index_select with a device index: a gather kernel, capturable (unlike reading the index on the host).
+        t = ts.index_select(0, counter).reshape(())
+        prev = prevs.index_select(0, counter).reshape(())
+        static_x.copy_(step(static_x, t, prev, step_gen))
+        counter.add_(1)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            # A clone draws the same numbers without advancing the caller's generator.
+            warm_gen = gen.clone_state()
+            for _ in range(min(_CAPTURE_WARMUP_RUNS, ts.numel())):
+                body(warm_gen)
+        torch.cuda.current_stream(device).wait_stream(side)
+
+        graph = torch.cuda.CUDAGraph()
+        if gen is not default_gen:
+            # The default CUDA generator is registered by the capture itself; any other must be registered so
+            # that each replay advances its Philox offset.
+            graph.register_generator_state(gen)
+        with torch.cuda.graph(graph):
+            body(gen)
+        # Capturing records the kernels without running them; undo the warm-up runs' effect on the buffers.
+        static_x.copy_(x_T)
+        counter.zero_()
+        for _ in range(ts.numel()):
+            graph.replay()
+    return static_x
+
+
+def _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
+              step_options) -> None:
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    C.check_choice("method", method, METHODS)
+    C.check_tensor("x_T", x_T, ndim_min=2 if method == "ddpm" else 1)
+    num_train = C.check_table(alphas_cumprod, x_T.device)
+    if not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"timesteps must be a 1-D integer torch.Tensor, got {type(timesteps).__name__}")
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"timesteps must have an integer dtype, got {timesteps.dtype}")
+    if timesteps.ndim != 1 or timesteps.numel() == 0:
+        raise ValueError(f"timesteps must be 1-D and non-empty, got shape {tuple(timesteps.shape)}")
+    if timesteps.device.type == "cpu":
+        if bool((timesteps < 0).any()) or bool((timesteps >= num_train).any()):
+            raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (alphas_cumprod has {num_train} entries), "
+                             f"got {timesteps.tolist()}")
+        if timesteps.numel() > 1 and not bool((timesteps[1:] < timesteps[:-1]).all()):
+            raise ValueError(f"timesteps must be strictly descending, got {timesteps.tolist()}")
+    C.check_float("eta", eta, low=0.0)
+    if method == "ddpm" and eta != 0:
+        raise ValueError(f"eta applies to method='ddim' only; method='ddpm' got eta={eta}")
+    if guidance_scale is not None:
+        C.check_float("guidance_scale", guidance_scale)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    C.check_bool("capture", capture)
+    unknown = sorted(set(step_options) - set(STEP_OPTIONS[method]))
+    if unknown:
+        raise TypeError(f"unexpected step option(s) {unknown} for method={method!r}; "
+                        f"accepted: {STEP_OPTIONS[method]}")
+    backends.resolve(f"{method}_step", backend, x_T.device)
+    if capture:
+        if x_T.device.type != "cuda":
+            raise ValueError(f"capture=True records a CUDA graph and needs CUDA tensors; x_T is on {x_T.device}")
+        if generator is not None and not _same_cuda_device(generator.device, x_T.device):
+            raise ValueError(f"capture=True draws noise inside the graph and needs a generator on x_T's device "
+                             f"{x_T.device}, got one on {generator.device}")
+
+
+def _same_cuda_device(a: torch.device, b: torch.device) -> bool:
+    """Both CUDA and the same GPU (an index-less ``cuda`` means the current one)."""
+    if a.type != "cuda" or b.type != "cuda":
+        return False
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# CI check of the wheel pipeline, no GPU needed:
+#   1. build the CUDA 13 wheel for sm_80 and sm_90 (+PTX of sm_90) only, to keep CI fast
+#      (scripts/build_wheels.sh, which also runs scripts/check_wheel.py on it: tags, +cu13x label,
+#      cubin archs via cuobjdump, NEEDED libcudart.so.13, ...);
+#   2. install it with --no-deps into a fresh virtualenv that sees this environment's (CPU) torch;
+#   3. from outside the repository, import diffkern, load the prebuilt extension and check that every
+#      op of diffkern._extension.CUDA_OPS is registered under torch.ops.diffkern with a CUDA kernel.
+#
+# Usage: scripts/ci_wheel_check.sh            (CUDA_HOME, or the nvcc on PATH, names the CUDA 13 toolkit)
+#        CI_ARCHS="80;90;120" scripts/ci_wheel_check.sh
+#
+# The objects are compiled in $DIFFKERN_BUILD_DIR (default: build/cuda-ci, kept between runs, so a rerun
+# with unchanged sources only relinks). Running tests/test_extension_build.py afterwards with
+# DIFFKERN_TEST_BUILD_DIR set to the same directory reuses them instead of compiling everything again.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DIFFKERN_BUILD_DIR="${DIFFKERN_BUILD_DIR:-$repo/build/cuda-ci}"
+PYTHON="${PYTHON:-python3}"
+archs="${CI_ARCHS:-80;90}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+start=$SECONDS
+
+"$repo/scripts/build_wheels.sh" --archs "$archs" --out "$work/dist"
+wheel="$(ls "$work"/dist/diffkern-*.whl)"
+case "$(basename "$wheel")" in
+  *+cu13*) ;;
+  *) echo "ci_wheel_check: expected a CUDA 13 (+cu13x) wheel, got $(basename "$wheel")" >&2; exit 1 ;;
+esac
+built=$SECONDS
+
+# A venv without its own pip (faster); the outer pip installs into it.
+"$PYTHON" -m venv --system-site-packages --without-pip "$work/venv"
+"$PYTHON" -m pip --python "$work/venv/bin/python" install --no-deps --no-index --quiet \
+  --disable-pip-version-check "$wheel"
+
+cd "$work"  # not the repository: the installed wheel must be what is imported
+DIFFKERN_NO_JIT=1 "$work/venv/bin/python" - "$work/venv" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+
+import diffkern
+from diffkern import _extension
+
+venv = Path(sys.argv[1]).resolve()
+assert Path(diffkern.__file__).resolve().is_relative_to(venv), f"imported {diffkern.__file__}, not the wheel"
+_extension.load()
+st = _extension.status()
+assert st["loaded"] and st["source"] == "prebuilt", st
+assert st["cuda_version"].startswith("13."), st
+for op in _extension.CUDA_OPS:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkern::{op}", "CUDA"), f"{op}: no CUDA kernel"
+    print(f"  {getattr(torch.ops.diffkern, op).default._schema}")
+print(f"ci_wheel_check: {len(_extension.CUDA_OPS)} ops registered from {st['path']} "
+      f"(CUDA {st['cuda_version']}, {' '.join(st['archs'])}, PTX {' '.join(st['ptx'])}) into torch {torch.__version__}")
+EOF
+echo "ci_wheel_check: passed (build + check_wheel $((built - start)) s, install + load $((SECONDS - built)) s)"

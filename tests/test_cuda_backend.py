@@ -1,0 +1,534 @@
+"""The CUDA C++ extension (the ``cuda`` backend, ``csrc/``) against the reference backend.
+
+GPU tests call the public ops twice on the same random inputs (fresh each run, see ``conftest``), once with
+``backend="cuda"`` and once with ``backend="reference"``, assert which backend ran, and compare with the
+tolerance table of ``diffkern.testing``; the GroupNorm regimes are also driven directly through the op's
+``split`` argument. They skip, with the reason, when no CUDA device is visible or the extension cannot be
+loaded (set ``DIFFKERN_REQUIRE_CUDA_EXTENSION=1`` to make an unavailable extension a failure on a GPU
+machine, as ``scripts/gpu_check.sh`` does).
+
+CPU tests check that the backend's module loads nothing when imported and that CPU tensors are refused with
+a clear reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import diffkern
+from diffkern import _cuda_ops, backends
+from diffkern.ops.ddpm import VARIANCE_TYPES
+from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
+from diffkern.schedules import NoiseSchedule
+from diffkern.testing import assert_close, tolerance
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NUM_TRAIN = 1000
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """Skips unless the cuda backend can run here (a CUDA device and a loadable extension)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device is visible to torch: the cuda backend's kernels need a GPU")
+    status = backends.backend_status("cuda", "cuda")
+    if not status.available:
+        message = f"the CUDA extension is unavailable: {status.reason}"
+        if os.environ.get("DIFFKERN_REQUIRE_CUDA_EXTENSION") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    _cuda_ops._ops()  # the raw ops (torch.ops.diffkern.*_cuda) and their fake kernels, for direct calls
+    return CUDA
+
+
+@pytest.fixture(scope="module")
+def table(cuda_backend) -> torch.Tensor:
+    return NoiseSchedule.from_name("scaled_linear", NUM_TRAIN, 0.00085, 0.012).table(cuda_backend)
+
+
+@pytest.fixture
+def draw(gen):
+    """draw(*shape, dtype=float32, scale=1, shift=0): normal values on the GPU from the test's generator."""
+    def sample(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
+        values = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+        return values.to(device=CUDA, dtype=dtype)
+    return sample
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a contiguous view whose storage starts one element past an allocation (so no
+    sample starts on a 16-byte boundary): the kernels' scalar head/tail paths."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def nhwc_3d(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, S) with channels-last strides (C*S, 1, C) and the same values."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return channels_last(t)
+    if layout == "misaligned":
+        return misaligned(t)
+    return t
+
+
+def same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same memory layout: strides equal wherever the size is not 1 (a size-1 dimension's stride is free)."""
+    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def run_both(op, *args, **kwargs):
+    """``op`` on the cuda backend and on the reference; asserts what ran, compares, returns cuda's result."""
+    name = op.__name__
+    fast = op(*args, backend="cuda", **kwargs)
+    assert backends.last_backend(name) == "cuda"
+    expected = op(*args, backend="reference", **kwargs)
+    assert backends.last_backend(name) == "reference"
+    fast_outputs = (fast,) if isinstance(fast, torch.Tensor) else tuple(fast)
+    expected_outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    assert len(fast_outputs) == len(expected_outputs)
+    for index, (actual, wanted) in enumerate(zip(fast_outputs, expected_outputs)):
+        assert actual.dtype == wanted.dtype and actual.shape == wanted.shape, (index, actual.shape, wanted.shape)
+        assert same_strides(actual, wanted), f"{name} output {index}: layout {actual.stride()} != {wanted.stride()}"
+        assert_close(actual, wanted, msg=f"{name} output {index}")
+    return fast
+
+
+def timesteps_for(kind: str, gen, batch: int, low: int = 0, high: int = NUM_TRAIN):
+    if kind == "int":
+        return int(torch.randint(low, high, (), generator=gen))
+    if kind == "0-d":
+        return torch.randint(low, high, (), generator=gen).to(CUDA)
+    if kind == "cpu":
+        return torch.randint(low, high, (batch,), generator=gen)
+    return torch.randint(low, high, (batch,), generator=gen).to(CUDA)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# add_noise
+
+ADD_NOISE_SHAPES = [(1, 1), (3, 1), (1, 4, 5, 7), (3, 3, 11, 13), (2, 4, 64, 64), (5, 3, 129, 131), (2, 3, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ADD_NOISE_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+@pytest.mark.parametrize("timesteps_kind", ["int", "0-d", "per-sample", "cpu"])
+def test_add_noise(cuda_backend, table, draw, gen, dtype, shape, layout, timesteps_kind):
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last needs 4-D samples")
+    x0 = lay_out(draw(*shape, dtype=dtype), layout)
+    noise = lay_out(draw(*shape, dtype=dtype), layout)
+    t = timesteps_for(timesteps_kind, gen, shape[0])
+    run_both(diffkern.add_noise, x0, noise, t, table)
+
+
+def test_add_noise_more_samples_than_grid_rows(cuda_backend, table, draw, gen):
+    # 70000 samples > 65535 blocks in the grid's y dimension: blocks stride over samples.
+    x0, noise = draw(70000, 3), draw(70000, 3)
+    run_both(diffkern.add_noise, x0, noise, timesteps_for("per-sample", gen, 70000), table)
+
+
+def test_add_noise_clamps_device_timesteps(cuda_backend, table, draw):
+    # Device timesteps are not range-checked (that would sync); the kernels clamp into the table like the reference.
+    x0, noise = draw(3, 2, 8, 8), draw(3, 2, 8, 8)
+    run_both(diffkern.add_noise, x0, noise, torch.tensor([-5, 10, 5000], device=CUDA), table)
+
+
+@pytest.mark.skipif(os.environ.get("DIFFKERN_TEST_LARGE") != "1",
+                    reason="needs ~13 GB of GPU memory and time; set DIFFKERN_TEST_LARGE=1")
+def test_add_noise_beyond_32_bit_indexing(cuda_backend, table, gen):
+    # 2 samples of 2^30 + 3 elements: offsets past 2^31 in the second sample.
+    n = (1 << 30) + 3
+    x0 = torch.full((2, n), 0.5, device=CUDA, dtype=torch.float16)
+    noise = torch.full((2, n), -1.0, device=CUDA, dtype=torch.float16)
+    t = torch.tensor([10, 900], device=CUDA)
+    out = diffkern.add_noise(x0, noise, t, table, backend="cuda")
+    abar = table[t].double()
+    expected = abar.sqrt() * 0.5 - (1 - abar).sqrt()
+    for b in range(2):
+        for part in (out[b, :5], out[b, -5:], out[b, (1 << 30) - 2:(1 << 30) + 2]):
+            torch.testing.assert_close(part.double(), expected[b].expand(part.shape), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDIM
+
+CLIP_MODES = ["none", "clip", "threshold"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip_mode", CLIP_MODES)
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_step(cuda_backend, table, draw, gen, dtype, prediction_type, guided, eta, clip_mode,
+                   use_clipped_model_output):
+    shape = (3, 4, 17, 19)
+    batch = shape[0]
+    model_output = draw(batch * (2 if guided else 1), *shape[1:], dtype=dtype)
+    sample = draw(*shape, dtype=dtype, scale=1.5)
+    noise = draw(*shape, dtype=dtype) if eta > 0 else None
+    t = torch.tensor([999, 500, 21], device=CUDA)
+    prev_t = torch.tensor([979, 480, -1], device=CUDA)  # -1: final_alpha_cumprod
+    run_both(diffkern.ddim_step, model_output, t, sample, table, prev_timestep=prev_t, eta=eta, noise=noise,
+             prediction_type=prediction_type, clip_sample=clip_mode == "clip", clip_sample_range=1.0,
+             thresholding=clip_mode == "threshold", dynamic_thresholding_ratio=0.9, sample_max_value=1.5,
+             use_clipped_model_output=use_clipped_model_output, final_alpha_cumprod=0.9991,
+             guidance_scale=7.5 if guided else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 4, 64, 64), (3, 3, 33, 35)])
+@pytest.mark.parametrize("timesteps_kind", ["int", "per-sample"])
+def test_ddim_step_layouts(cuda_backend, table, draw, gen, dtype, layout, shape, timesteps_kind):
+    model_output = lay_out(draw(2 * shape[0], *shape[1:], dtype=dtype), layout)
+    sample = lay_out(draw(*shape, dtype=dtype), layout)
+    noise = lay_out(draw(*shape, dtype=dtype), layout)
+    t = timesteps_for(timesteps_kind, gen, shape[0], low=20)
+    prev_t = t - 20
+    run_both(diffkern.ddim_step, model_output, t, sample, table, prev_timestep=prev_t, eta=0.5, noise=noise,
+             guidance_scale=3.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDPM
+
+def ddpm_model_output(draw, shape, variance_type, dtype, guided):
+    batch = shape[0] * (2 if guided else 1)
+    prediction = draw(batch, *shape[1:], dtype=dtype)
+    if variance_type not in ("learned", "learned_range"):
+        return prediction
+    raw = draw(batch, *shape[1:])
+    # variances for `learned` (a square root is taken), interpolation fractions in (-1, 1) for `learned_range`
+    variance = (raw.abs() * 0.01 + 1e-4) if variance_type == "learned" else torch.tanh(raw)
+    return torch.cat([prediction, variance.to(dtype)], dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("clip_mode", CLIP_MODES)
+def test_ddpm_step(cuda_backend, table, draw, dtype, variance_type, prediction_type, guided, clip_mode):
+    shape = (3, 4, 15, 17)
+    model_output = ddpm_model_output(draw, shape, variance_type, dtype, guided)
+    sample = draw(*shape, dtype=dtype)
+    noise = draw(*shape, dtype=dtype)
+    t = torch.tensor([999, 0, 37], device=CUDA)  # t = 0: no noise for that sample
+    run_both(diffkern.ddpm_step, model_output, t, sample, table, noise=noise, variance_type=variance_type,
+             prediction_type=prediction_type, clip_sample=clip_mode == "clip", clip_sample_range=1.0,
+             thresholding=clip_mode == "threshold", dynamic_thresholding_ratio=0.9, sample_max_value=2.0,
+             guidance_scale=4.0 if guided else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+def test_ddpm_step_layouts_and_no_noise(cuda_backend, table, draw, gen, dtype, variance_type, layout):
+    shape = (2, 3, 9, 11)
+    learned = variance_type == "learned_range"
+    if learned and layout == "channels_last":
+        pytest.skip("a learned variance splits the output per sample in C order (the op makes it contiguous)")
+    model_output = lay_out(ddpm_model_output(draw, shape, variance_type, dtype, guided=False), layout)
+    sample = lay_out(draw(*shape, dtype=dtype), layout)
+    noise = lay_out(draw(*shape, dtype=dtype), layout)
+    t = timesteps_for("per-sample", gen, shape[0], low=1)
+    run_both(diffkern.ddpm_step, model_output, t, sample, table, noise=noise, variance_type=variance_type,
+             prev_timestep=t - 10)
+    # timestep 0 everywhere: no noise is drawn, the kernel adds none
+    run_both(diffkern.ddpm_step, model_output, 0, sample, table, variance_type=variance_type)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GroupNorm + SiLU
+
+GN_CASES = [  # (N, C, spatial, G)
+    (2, 12, (5, 4), 4),
+    (3, 6, (7,), 3),
+    (2, 8, (1, 1), 8),
+    (1, 64, (8, 8), 32),
+    (2, 320, (16, 16), 32),
+    (4, 40, (3, 5), 5),
+    (2, 16, (4, 4, 3), 4),
+]
+
+
+def _param_grad_close(actual, expected, dtype, count):
+    """dweight/dbias are sums over N * S elements: the tolerance grows with the sum's magnitude."""
+    rtol, atol = tolerance(dtype)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=max(rtol, 1e-4),
+                               atol=max(atol, 1e-5) * count ** 0.5)
+
+
+def gn_input(draw, n, c, spatial, dtype, layout, **kwargs):
+    x = draw(n, c, *spatial, dtype=dtype, **kwargs)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GN_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_group_norm_silu_forward_backward(cuda_backend, draw, dtype, case, layout, affine):
+    n, c, spatial, groups = case
+    if layout == "channels_last" and len(spatial) not in (2, 3):
+        pytest.skip("channels_last needs 4-D or 5-D input")
+    x_data = gn_input(draw, n, c, spatial, dtype, layout, scale=2.0, shift=0.5)
+    weight_data = draw(c) if affine in ("both", "weight") else None
+    bias_data = draw(c) if affine in ("both", "bias") else None
+    grad = gn_input(draw, n, c, spatial, dtype, layout)
+    results = {}
+    for backend in ("cuda", "reference"):
+        x = x_data.clone().requires_grad_(True)
+        weight = None if weight_data is None else weight_data.clone().requires_grad_(True)
+        bias = None if bias_data is None else bias_data.clone().requires_grad_(True)
+        y = diffkern.group_norm_silu(x, groups, weight, bias, 1e-5, backend=backend)
+        assert backends.last_backend("group_norm_silu") == backend
+        y.backward(grad)
+        results[backend] = (y.detach(), x.grad, None if weight is None else weight.grad,
+                            None if bias is None else bias.grad)
+    (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref) = results["cuda"], results["reference"]
+    assert same_strides(y, x_data) and same_strides(dx, x_data)
+    assert_close(y, y_ref, msg="y")
+    assert_close(dx, dx_ref, msg="dx")
+    count = x_data.numel() // c
+    for got, want in ((dw, dw_ref), (db, db_ref)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            _param_grad_close(got, want, got.dtype, count)
+
+
+def _gn_direct(x3, weight, bias, groups, split, grad3):
+    y, mean, rstd = torch.ops.diffkern.group_norm_silu_fwd_cuda(x3, weight, bias, groups, 1e-5, split)
+    dx, dweight, dbias = torch.ops.diffkern.group_norm_silu_bwd_cuda(grad3, x3, weight, bias, mean, rstd, groups,
+                                                                      split)
+    return y, mean, rstd, dx, dweight, dbias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("split", [0, -1, 1, 2, 3, 7])
+@pytest.mark.parametrize("case", [(2, 12, 20, 4), (1, 40, 64, 4), (3, 6, 7, 3), (2, 1040, 6, 8), (2, 301, 5, 7)])
+def test_group_norm_silu_regimes(cuda_backend, draw, dtype, layout, split, case):
+    """Every kernel path on (N, C, S) views: fused, and split into k slices (more than a group has rows, too)."""
+    n, c, s, groups = case
+    x3 = draw(n, c, s, dtype=dtype, scale=1.5, shift=-0.3)
+    grad3 = draw(n, c, s, dtype=dtype)
+    if layout == "nhwc":
+        x3, grad3 = nhwc_3d(x3), nhwc_3d(grad3)
+    weight, bias = draw(c), draw(c)
+    y, mean, rstd, dx, dweight, dbias = _gn_direct(x3, weight, bias, groups, split, grad3)
+    y_ref, mean_ref, rstd_ref = group_norm_silu_forward_reference(x3, weight, bias, groups, 1e-5)
+    dx_ref, dw_ref, db_ref = group_norm_silu_backward_reference(grad3, x3, weight, bias, mean_ref, rstd_ref, groups)
+    assert same_strides(y, x3) and same_strides(dx, x3)
+    assert_close(mean, mean_ref, msg="mean")
+    assert_close(rstd, rstd_ref, msg="rstd")
+    assert_close(y, y_ref, msg="y")
+    assert_close(dx, dx_ref, msg="dx")
+    _param_grad_close(dweight, dw_ref, torch.float32, n * s)
+    _param_grad_close(dbias, db_ref, torch.float32, n * s)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("split", [0, -1, 3])
+def test_group_norm_silu_deterministic(cuda_backend, draw, layout, split):
+    """No float atomics: statistics, dx, dweight and dbias are bitwise reproducible."""
+    x3, grad3 = draw(2, 64, 1024, dtype=torch.float16), draw(2, 64, 1024, dtype=torch.float16)
+    if layout == "nhwc":
+        x3, grad3 = nhwc_3d(x3), nhwc_3d(grad3)
+    weight, bias = draw(64), draw(64)
+    first = _gn_direct(x3, weight, bias, 32, split, grad3)
+    for _ in range(3):
+        again = _gn_direct(x3, weight, bias, 32, split, grad3)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("split", [0, -1, 2])
+def test_group_norm_silu_large_mean(cuda_backend, draw, layout, split):
+    """|mean| >> std: the statistics must not cancel (compared with a float64 truth)."""
+    x3 = draw(2, 32, 256, scale=0.01, shift=1000.0)
+    if layout == "channels_last":
+        x3 = nhwc_3d(x3)
+    y, mean, rstd = torch.ops.diffkern.group_norm_silu_fwd_cuda(x3, None, None, 8, 1e-5, split)
+    y64, mean64, rstd64 = group_norm_silu_forward_reference(x3.double(), None, None, 8, 1e-5)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=1e-4)
+    # x = 1000 +- 0.01 in fp32 keeps ~3 digits of the deviations; a cancelling variance would be garbage
+    torch.testing.assert_close(rstd.double(), rstd64, rtol=5e-3, atol=0)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_group_norm_silu_parameter_dtypes(cuda_backend, draw, param_dtype):
+    x = draw(2, 16, 9, 9)
+    weight, bias = draw(16, dtype=param_dtype), draw(16, dtype=param_dtype)
+    run_both(diffkern.group_norm_silu, x, 4, weight, bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (16, 320, 32, 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_silu_diffusion_shapes(cuda_backend, draw, shape, layout):
+    x = gn_input(draw, shape[0], shape[1], shape[2:], torch.float16, layout)
+    weight, bias = draw(shape[1]), draw(shape[1])
+    run_both(diffkern.group_norm_silu, x, 32, weight, bias)
+
+
+def test_float64_runs_the_reference(cuda_backend, table, draw):
+    x0, noise = draw(2, 3, 5, 5, dtype=torch.float64), draw(2, 3, 5, 5, dtype=torch.float64)
+    fast = diffkern.add_noise(x0, noise, 100, table, backend="cuda")
+    torch.testing.assert_close(fast, diffkern.add_noise(x0, noise, 100, table, backend="reference"), rtol=0, atol=0)
+    x = draw(2, 8, 5, 5, dtype=torch.float64, scale=3.0).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: diffkern.group_norm_silu(v, 4, backend="cuda"), (x,))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streams, graphs, compile, fake kernels
+
+def test_runs_on_the_current_stream(cuda_backend, table, draw):
+    x0, noise = draw(4, 4, 64, 64, dtype=torch.float16), draw(4, 4, 64, 64, dtype=torch.float16)
+    expected = diffkern.add_noise(x0, noise, 500, table, backend="reference")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = diffkern.add_noise(x0, noise, 500, table, backend="cuda")
+        y, _, _ = torch.ops.diffkern.group_norm_silu_fwd_cuda(x0.view(4, 4, -1), None, None, 2, 1e-5)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(out, expected)
+    assert_close(y, group_norm_silu_forward_reference(x0.view(4, 4, -1), None, None, 2, 1e-5)[0])
+
+
+def test_cuda_graph_capture(cuda_backend, table, draw):
+    """No host sync in the kernels' calls: capture a guided DDIM step, add_noise and GroupNorm."""
+    model_output, sample = draw(4, 4, 32, 32), draw(2, 4, 32, 32)
+    t, prev_t = torch.tensor([700, 300], device=CUDA), torch.tensor([680, 280], device=CUDA)
+    noise = draw(2, 4, 32, 32)
+    kwargs = dict(prev_timestep=prev_t, guidance_scale=5.0, clip_sample=True, eta=0.7, noise=noise)
+
+    def step():
+        prev, x0 = diffkern.ddim_step(model_output, t, sample, table, backend="cuda", **kwargs)
+        return prev, x0, diffkern.group_norm_silu(prev, 2, backend="cuda"), \
+            diffkern.add_noise(x0, noise, t, table, backend="cuda")
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up (loads the extension, caches) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    sample.copy_(draw(2, 4, 32, 32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_prev, expected_x0 = diffkern.ddim_step(model_output, t, sample, table, backend="reference", **kwargs)
+    assert_close(captured[0], expected_prev)
+    assert_close(captured[1], expected_x0)
+    assert_close(captured[2], diffkern.group_norm_silu(expected_prev, 2, backend="reference"))
+    assert_close(captured[3], diffkern.add_noise(expected_x0, noise, t, table, backend="reference"))
+
+
+def test_torch_compile_fullgraph(cuda_backend, table, draw):
+    sample, model_output = draw(2, 4, 16, 16), draw(4, 4, 16, 16)
+    t, prev_t = torch.tensor([500, 400], device=CUDA), torch.tensor([480, 380], device=CUDA)
+
+    def step(model_output, sample):
+        prev, _ = diffkern.ddim_step(model_output, t, sample, table, prev_timestep=prev_t, guidance_scale=3.0,
+                                     backend="cuda")
+        return diffkern.group_norm_silu(prev, 2, backend="cuda")
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert_close(compiled(model_output, sample), step(model_output, sample))
+
+
+def _opcheck_cases(table):
+    x = torch.randn(2, 3, 8, 8, device=CUDA)
+    mo = torch.randn(4, 3, 8, 8, device=CUDA)
+    t = torch.tensor([10, 20], device=CUDA)
+    x3 = x.view(2, 3, -1)
+    w = torch.randn(3, device=CUDA)
+    stats = torch.ops.diffkern.group_norm_silu_fwd_cuda(x3, w, None, 3, 1e-5)
+    return [
+        (torch.ops.diffkern.add_noise_cuda, (x, x, table, t)),
+        (torch.ops.diffkern.ddim_step_cuda, (mo, x, x, table, t, t - 5, 1.0, 0.5, 0, True, 1.0, None, False, 2.0,
+                                             False)),
+        (torch.ops.diffkern.ddim_step_cuda, (mo, x, None, table, t, t - 5, 1.0, 0.0, 1, False, 1.0, None, False,
+                                             2.0, True)),
+        (torch.ops.diffkern.ddpm_step_cuda, (x, x, x, table, t, t - 1, 0, 0, True, 1.0, None, None, False)),
+        (torch.ops.diffkern.group_norm_silu_fwd_cuda, (nhwc_3d(x3), w, None, 3, 1e-5)),
+        (torch.ops.diffkern.group_norm_silu_bwd_cuda, (x3, x3, w, None, stats[1], stats[2], 3)),
+    ]
+
+
+def test_fake_kernels_match_real_outputs(cuda_backend, table):
+    for op, args in _opcheck_cases(table):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU: import, refusal, codes
+
+def test_importing_the_backend_loads_nothing():
+    code = textwrap.dedent("""
+        import sys, torch
+        import diffkern, diffkern._cuda_ops as cuda_ops
+        assert not cuda_ops._ready and not cuda_ops._fakes_registered
+        ext = sys.modules.get("diffkern._extension")
+        assert ext is None or not ext.status().get("loaded"), ext.status()
+        for name in cuda_ops.OP_NAMES:
+            assert not hasattr(torch.ops.diffkern, name), name
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout
+
+
+def _cpu_calls():
+    table = torch.linspace(0.999, 0.01, 100)
+    x = torch.randn(2, 4, 8, 8)
+    return {
+        "add_noise": lambda: diffkern.add_noise(x, x, 5, table, backend="cuda"),
+        "ddim_step": lambda: diffkern.ddim_step(x, 5, x, table, prev_timestep=4, backend="cuda"),
+        "ddpm_step": lambda: diffkern.ddpm_step(x, 5, x, table, noise=x, backend="cuda"),
+        "group_norm_silu": lambda: diffkern.group_norm_silu(x, 2, backend="cuda"),
+    }
+
+
+@pytest.mark.parametrize("op", ["add_noise", "ddim_step", "ddpm_step", "group_norm_silu"])
+def test_cpu_tensors_are_refused_with_the_reason(op):
+    with pytest.raises(diffkern.BackendUnavailableError, match="CUDA tensors"):
+        _cpu_calls()[op]()
+
+
+def test_int_codes_cover_the_reference_names():
+    from diffkern import _cuda_ops
+    from diffkern.ops._common import PREDICTION_TYPES
+
+    assert sorted(_cuda_ops.PREDICTION_CODES) == sorted(PREDICTION_TYPES)
+    assert sorted(_cuda_ops.VARIANCE_CODES) == sorted(VARIANCE_TYPES)
+    # csrc/registration.cpp documents the same codes
+    assert [_cuda_ops.PREDICTION_CODES[p] for p in ("epsilon", "v_prediction", "sample")] == [0, 1, 2]
+    assert [_cuda_ops.VARIANCE_CODES[v] for v in VARIANCE_TYPES] == list(range(len(VARIANCE_TYPES)))
