@@ -65,3 +65,5 @@ Tensor add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const
 }
 
 }  // namespace diffkern
+
+STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("add_noise_cuda", TORCH_BOX(&diffkern::add_noise_cuda)); }

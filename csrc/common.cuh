@@ -267,29 +267,34 @@ struct Elem<float> {
   static __device__ __forceinline__ float from_float(float v) { return v; }
 };
 
+// The 16-bit types also name their plain-bits struct (Raw), through which they are packed into words.
 template <>
 struct Elem<__half> {
+  using Raw = __half_raw;
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ float bits_to_float(uint32_t b) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-  }
-  static __device__ __forceinline__ uint32_t float_to_bits(float v) {
-    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v)));
-  }
 };
 
 template <>
 struct Elem<__nv_bfloat16> {
+  using Raw = __nv_bfloat16_raw;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ float bits_to_float(uint32_t b) {
-    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
-  }
-  static __device__ __forceinline__ uint32_t float_to_bits(float v) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
-  }
 };
+
+// A 16-bit element held in the low 16 bits of a word <-> float.
+template <typename T>
+__device__ __forceinline__ float bits_to_float(uint32_t b) {
+  typename Elem<T>::Raw raw;
+  raw.x = static_cast<unsigned short>(b);
+  return Elem<T>::to_float(T(raw));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t float_to_bits(float v) {
+  const typename Elem<T>::Raw raw = Elem<T>::from_float(v);
+  return static_cast<uint32_t>(raw.x);
+}
 
 // Elements of T in one 16-byte access.
 template <typename T>
@@ -315,8 +320,8 @@ __device__ __forceinline__ void unpack_vec(const uint4& raw, float (&f)[kVec<T>]
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      f[2 * i] = Elem<T>::bits_to_float(w[i] & 0xffffu);
-      f[2 * i + 1] = Elem<T>::bits_to_float(w[i] >> 16);
+      f[2 * i] = bits_to_float<T>(w[i] & 0xffffu);
+      f[2 * i + 1] = bits_to_float<T>(w[i] >> 16);
     }
   }
 }
@@ -329,7 +334,7 @@ __device__ __forceinline__ uint4 pack_vec(const float (&f)[kVec<T>]) {
     for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(f[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = Elem<T>::float_to_bits(f[2 * i]) | (Elem<T>::float_to_bits(f[2 * i + 1]) << 16);
+    for (int i = 0; i < 4; ++i) w[i] = float_to_bits<T>(f[2 * i]) | (float_to_bits<T>(f[2 * i + 1]) << 16);
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
 }

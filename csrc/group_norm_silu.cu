@@ -103,7 +103,13 @@ struct Unit {
 // Non-negative part that keeps NaN (fmaxf would turn a NaN variance into 0).
 __device__ __forceinline__ float nonneg(float v) { return v < 0.0f ? 0.0f : v; }
 
-// Carves 16-byte aligned arrays out of dynamic shared memory; host_smem_bytes mirrors it.
+// (mean, m2) of `count` values from their sums of (v - shift) and (v - shift)^2.
+__device__ __forceinline__ float2 shifted_moments(float shift, float s1, float s2, float count) {
+  return make_float2(shift + s1 / count, nonneg(s2 - s1 * s1 / count));
+}
+
+// Carves 16-byte aligned arrays out of dynamic shared memory; the host's byte counts (round16 per array)
+// mirror it.
 struct SmemCarver {
   unsigned char* p;
   template <typename U>
@@ -129,6 +135,20 @@ __device__ __forceinline__ float silu_grad_dz(float dy, float z) {
   return dy * s * (1.0f + z * (1.0f - s));
 }
 
+// Sums of the pairs term(0), ..., term(count - 1) over one whole warp, lane-strided then by shuffles (a
+// fixed order); valid on every lane.
+template <typename Term>
+__device__ __forceinline__ float2 warp_sum_pairs(int64_t count, Term term) {
+  const int lane = threadIdx.x & 31;
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int64_t j = lane; j < count; j += 32) {
+    const float2 v = term(j);
+    s1 += v.x;
+    s2 += v.y;
+  }
+  return make_float2(warp_sum(s1), warp_sum(s2));
+}
+
 // Combines `rows` channel moments of `count` elements each (mean_r, m2_r) into one: exact two-level
 // formula (no sequential merge). Called by one whole warp; the result is valid on every lane.
 __device__ __forceinline__ float2 combine_equal_count(const float2* stats, int rows, float count) {
@@ -142,134 +162,6 @@ __device__ __forceinline__ float2 combine_equal_count(const float2* stats, int r
     sq += stats[r].y + count * d * d;
   }
   return make_float2(mean, warp_sum(sq));
-}
-
-// ------------------------------------------------------------------------------------------------------
-// NCHW: a channel (n, c) is a contiguous row of S elements. Rows are processed by teams of L lanes
-// (L = the power of two >= the row's unit count, at most 32), so short rows still keep warps busy; loops
-// over rows are uniform across the block so teams can reduce with shuffles.
-// ------------------------------------------------------------------------------------------------------
-
-// Moments of row `r` (unit loop by one team). `keep` (nullable) receives a copy of the row.
-template <typename T, bool VEC>
-__device__ __forceinline__ void row_shifted_sums(const T* row, T* keep, int64_t units, int lane, int L, float& shift,
-                                                 float& s1, float& s2) {
-  using U = Unit<T, VEC>;
-  shift = load_scalar(row);
-  for (int64_t u = lane; u < units; u += L) {
-    float f[U::W];
-    if (keep != nullptr) {
-      U::load_keep(row + u * U::W, keep + u * U::W, f);
-    } else {
-      U::load(row + u * U::W, f);
-    }
-#pragma unroll
-    for (int e = 0; e < U::W; ++e) {
-      const float d = f[e] - shift;
-      s1 += d;
-      s2 += d * d;
-    }
-  }
-}
-
-// Fused forward: one block per group, the group kept in shared memory.
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kGnThreads)
-    gn_fwd_fused_nchw(const T* __restrict__ x, T* __restrict__ y, ParamRef weight, ParamRef bias,
-                      float* __restrict__ mean_out, float* __restrict__ rstd_out, GnDims d, int L, float eps) {
-  using U = Unit<T, VEC>;
-  const int64_t ng = blockIdx.x;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / U::W;
-  SmemCarver carve{dynamic_smem()};
-  T* xs = carve.take<T>(static_cast<int64_t>(d.Cg) * S);
-  float2* rowstat = carve.take<float2>(d.Cg);
-  float* stat = carve.take<float>(2);
-
-  const T* xg = x + (n * d.C + static_cast<int64_t>(g) * d.Cg) * S;
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  const float count = static_cast<float>(S);
-
-  for (int base = 0; base < d.Cg; base += nteams) {
-    const int r = base + team;
-    const bool active = r < d.Cg;
-    float shift = 0.0f, s1 = 0.0f, s2 = 0.0f;
-    if (active) row_shifted_sums<T, VEC>(xg + r * S, xs + r * S, units, lane, L, shift, s1, s2);
-    s1 = team_sum(s1, L);
-    s2 = team_sum(s2, L);
-    if (active && lane == 0) rowstat[r] = make_float2(shift + s1 / count, nonneg(s2 - s1 * s1 / count));
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const float2 m = combine_equal_count(rowstat, d.Cg, count);
-    if (threadIdx.x == 0) {
-      const float var = m.y / (static_cast<float>(d.Cg) * count);
-      const float rstd = 1.0f / sqrtf(var + eps);
-      stat[0] = m.x;
-      stat[1] = rstd;
-      mean_out[ng] = m.x;
-      rstd_out[ng] = rstd;
-    }
-  }
-  __syncthreads();
-  const float mean = stat[0];
-  const float rstd = stat[1];
-  for (int r = team; r < d.Cg; r += nteams) {
-    const int64_t c = static_cast<int64_t>(g) * d.Cg + r;
-    const float scale = rstd * load_param(weight, c, 1.0f);
-    const float shift = load_param(bias, c, 0.0f);
-    const T* srow = xs + r * S;
-    T* yrow = y + (n * d.C + c) * S;
-    for (int64_t u = lane; u < units; u += L) {
-      float f[U::W];
-      U::load(srow + u * U::W, f);
-#pragma unroll
-      for (int e = 0; e < U::W; ++e) f[e] = silu_f((f[e] - mean) * scale + shift);
-      U::store(yrow + u * U::W, f);
-    }
-  }
-}
-
-// Split forward, pass 1: moments of rows [r0, r1) of a group -> part[ng * K + k] = (mean, m2).
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kGnThreads)
-    gn_fwd_stats_nchw(const T* __restrict__ x, float2* __restrict__ part, GnDims d, int L) {
-  using U = Unit<T, VEC>;
-  const int64_t ng = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / U::W;
-  const int r0 = static_cast<int>(slice_begin(d.Cg, k, K));
-  const int r1 = static_cast<int>(slice_begin(d.Cg, k + 1, K));
-  SmemCarver carve{dynamic_smem()};
-  float2* rowstat = carve.take<float2>(r1 - r0);
-
-  const T* xg = x + (n * d.C + static_cast<int64_t>(g) * d.Cg) * S;
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  const float count = static_cast<float>(S);
-  for (int base = r0; base < r1; base += nteams) {
-    const int r = base + team;
-    const bool active = r < r1;
-    float shift = 0.0f, s1 = 0.0f, s2 = 0.0f;
-    if (active) row_shifted_sums<T, VEC>(xg + r * S, nullptr, units, lane, L, shift, s1, s2);
-    s1 = team_sum(s1, L);
-    s2 = team_sum(s2, L);
-    if (active && lane == 0) rowstat[r - r0] = make_float2(shift + s1 / count, nonneg(s2 - s1 * s1 / count));
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const float2 m = combine_equal_count(rowstat, r1 - r0, count);
-    if (threadIdx.x == 0) part[ng * K + k] = m;
-  }
 }
 
 // Merges the K slice moments of group `gidx` (rows split over K slices of `rows_total` rows of `per_row`
@@ -286,102 +178,242 @@ __device__ __forceinline__ Moments merge_slices(const float2* part, int64_t gidx
   return warp_merge_moments(m);
 }
 
+// One thread's end of a group's statistics: rstd from the merged moments, kept for the block in `stat`
+// and written to the outputs by the group's first slice only.
+__device__ __forceinline__ void publish_group_stats(float mean, float m2, const GnDims& d, float eps,
+                                                    bool first_slice, int64_t gidx, float2* stat,
+                                                    float* mean_out, float* rstd_out) {
+  const float var = m2 / (static_cast<float>(d.Cg) * static_cast<float>(d.S));
+  const float rstd = 1.0f / sqrtf(var + eps);
+  *stat = make_float2(mean, rstd);
+  if (first_slice) {
+    mean_out[gidx] = mean;
+    rstd_out[gidx] = rstd;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// NCHW: a channel (n, c) is a contiguous row of S elements. Rows are processed by teams of L lanes
+// (L = the power of two >= the row's unit count, at most 32), so short rows still keep warps busy; loops
+// over rows are uniform across the block so teams can reduce with shuffles.
+// ------------------------------------------------------------------------------------------------------
+
+// What an NCHW block works on: group ng = (n, g) is blockIdx.x, its rows [r0, r1) are slice k = blockIdx.y
+// of K = gridDim.y (all Cg rows for the fused kernels, whose grid has one slice), and its threads form
+// teams of L lanes.
+struct NchwBlock {
+  int64_t ng;
+  int64_t n;
+  int k;
+  int K;
+  int64_t c0;    // the group's first channel
+  int64_t goff;  // offset of the group's first element in x (and y, dy, dx)
+  int r0;
+  int r1;
+  int team;
+  int lane;
+  int nteams;
+};
+
+__device__ __forceinline__ NchwBlock nchw_block(const GnDims& d, int L) {
+  NchwBlock b;
+  b.ng = blockIdx.x;
+  b.n = b.ng / d.G;
+  b.k = blockIdx.y;
+  b.K = gridDim.y;
+  b.c0 = static_cast<int64_t>(b.ng % d.G) * d.Cg;
+  b.goff = (b.n * d.C + b.c0) * d.S;
+  b.r0 = static_cast<int>(slice_begin(d.Cg, b.k, b.K));
+  b.r1 = static_cast<int>(slice_begin(d.Cg, b.k + 1, b.K));
+  b.team = threadIdx.x / L;
+  b.lane = threadIdx.x % L;
+  b.nteams = kGnThreads / L;
+  return b;
+}
+
+// Moments of the block's rows combined into one (mean, m2), valid on the first warp. `xg` is the
+// group's first row; `keep` (nullable) receives a copy of the rows. rowstat: r1 - r0 entries of scratch.
+template <typename T, bool VEC>
+__device__ __forceinline__ float2 slice_moments(const T* xg, T* keep, const NchwBlock& b, const GnDims& d, int L,
+                                                float2* rowstat) {
+  using U = Unit<T, VEC>;
+  const int64_t S = d.S;
+  const int64_t units = S / U::W;
+  const float count = static_cast<float>(S);
+  for (int base = b.r0; base < b.r1; base += b.nteams) {
+    const int r = base + b.team;
+    const bool active = r < b.r1;
+    float shift = 0.0f, s1 = 0.0f, s2 = 0.0f;
+    if (active) {
+      const T* row = xg + r * S;
+      shift = load_scalar(row);
+      for (int64_t u = b.lane; u < units; u += L) {
+        float f[U::W];
+        if (keep != nullptr) {
+          U::load_keep(row + u * U::W, keep + r * S + u * U::W, f);
+        } else {
+          U::load(row + u * U::W, f);
+        }
+#pragma unroll
+        for (int e = 0; e < U::W; ++e) {
+          const float dv = f[e] - shift;
+          s1 += dv;
+          s2 += dv * dv;
+        }
+      }
+    }
+    s1 = team_sum(s1, L);
+    s2 = team_sum(s2, L);
+    if (active && b.lane == 0) rowstat[r - b.r0] = shifted_moments(shift, s1, s2, count);
+  }
+  __syncthreads();
+  float2 m = make_float2(0.0f, 0.0f);
+  if (threadIdx.x < 32) m = combine_equal_count(rowstat, b.r1 - b.r0, count);
+  return m;
+}
+
+// Normalise + affine + SiLU of the block's rows: src and dst are the group's first rows (src in global
+// or shared memory).
+template <typename T, bool VEC>
+__device__ __forceinline__ void rows_apply(const T* src, T* dst, const NchwBlock& b, const GnDims& d, int L,
+                                           float2 stat, ParamRef weight, ParamRef bias) {
+  using U = Unit<T, VEC>;
+  const int64_t S = d.S;
+  const int64_t units = S / U::W;
+  for (int r = b.r0 + b.team; r < b.r1; r += b.nteams) {
+    const int64_t c = b.c0 + r;
+    const float scale = stat.y * load_param(weight, c, 1.0f);
+    const float shift = load_param(bias, c, 0.0f);
+    const T* srow = src + r * S;
+    T* drow = dst + r * S;
+    for (int64_t u = b.lane; u < units; u += L) {
+      float f[U::W];
+      U::load(srow + u * U::W, f);
+#pragma unroll
+      for (int e = 0; e < U::W; ++e) f[e] = silu_f((f[e] - stat.x) * scale + shift);
+      U::store(drow + u * U::W, f);
+    }
+  }
+}
+
+// Fused forward: one block per group, the group kept in shared memory.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kGnThreads)
+    gn_fwd_fused_nchw(const T* __restrict__ x, T* __restrict__ y, ParamRef weight, ParamRef bias,
+                      float* __restrict__ mean_out, float* __restrict__ rstd_out, GnDims d, int L, float eps) {
+  const NchwBlock b = nchw_block(d, L);
+  SmemCarver carve{dynamic_smem()};
+  T* xs = carve.take<T>(static_cast<int64_t>(d.Cg) * d.S);
+  float2* rowstat = carve.take<float2>(d.Cg);
+  float2* stat = carve.take<float2>(1);
+
+  const float2 m = slice_moments<T, VEC>(x + b.goff, xs, b, d, L, rowstat);
+  if (threadIdx.x == 0) publish_group_stats(m.x, m.y, d, eps, true, b.ng, stat, mean_out, rstd_out);
+  __syncthreads();
+  rows_apply<T, VEC>(xs, y + b.goff, b, d, L, *stat, weight, bias);
+}
+
+// Split forward, pass 1: moments of rows [r0, r1) of a group -> part[ng * K + k] = (mean, m2).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kGnThreads)
+    gn_fwd_stats_nchw(const T* __restrict__ x, float2* __restrict__ part, GnDims d, int L) {
+  const NchwBlock b = nchw_block(d, L);
+  SmemCarver carve{dynamic_smem()};
+  float2* rowstat = carve.take<float2>(b.r1 - b.r0);
+
+  const float2 m = slice_moments<T, VEC>(x + b.goff, nullptr, b, d, L, rowstat);
+  if (threadIdx.x == 0) part[b.ng * b.K + b.k] = m;
+}
+
 // Split forward, pass 2: merge the group's K slices, normalise + affine + SiLU rows [r0, r1).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGnThreads)
     gn_fwd_apply_nchw(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part, ParamRef weight,
                       ParamRef bias, float* __restrict__ mean_out, float* __restrict__ rstd_out, GnDims d, int L,
                       float eps) {
-  using U = Unit<T, VEC>;
-  __shared__ float stat[2];
-  const int64_t ng = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / U::W;
+  __shared__ float2 stat;
+  const NchwBlock b = nchw_block(d, L);
   if (threadIdx.x < 32) {
-    const Moments m = merge_slices(part, ng, K, d.Cg, static_cast<float>(S));
-    if (threadIdx.x == 0) {
-      const float var = m.m2 / (static_cast<float>(d.Cg) * static_cast<float>(S));
-      const float rstd = 1.0f / sqrtf(var + eps);
-      stat[0] = m.mean;
-      stat[1] = rstd;
-      if (k == 0) {
-        mean_out[ng] = m.mean;
-        rstd_out[ng] = rstd;
-      }
-    }
+    const Moments m = merge_slices(part, b.ng, b.K, d.Cg, static_cast<float>(d.S));
+    if (threadIdx.x == 0) publish_group_stats(m.mean, m.m2, d, eps, b.k == 0, b.ng, &stat, mean_out, rstd_out);
   }
   __syncthreads();
-  const float mean = stat[0];
-  const float rstd = stat[1];
-  const int r0 = static_cast<int>(slice_begin(d.Cg, k, K));
-  const int r1 = static_cast<int>(slice_begin(d.Cg, k + 1, K));
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  for (int r = r0 + team; r < r1; r += nteams) {
-    const int64_t c = static_cast<int64_t>(g) * d.Cg + r;
-    const float scale = rstd * load_param(weight, c, 1.0f);
-    const float shift = load_param(bias, c, 0.0f);
-    const T* xrow = x + (n * d.C + c) * S;
-    T* yrow = y + (n * d.C + c) * S;
-    for (int64_t u = lane; u < units; u += L) {
-      float f[U::W];
-      U::load(xrow + u * U::W, f);
+  rows_apply<T, VEC>(x + b.goff, y + b.goff, b, d, L, stat, weight, bias);
+}
+
+// Backward, per row of the block: sums (sum dz, sum dz * xhat) into chan[n * C + c] and, if given,
+// rowsum[r]. `keep_x`/`keep_dy` (nullable) receive copies of the rows.
+template <typename T, bool VEC>
+__device__ __forceinline__ void rows_grad_sums(const T* xg, const T* dyg, T* keep_x, T* keep_dy, const NchwBlock& b,
+                                               const GnDims& d, int L, float mean, float rstd, ParamRef weight,
+                                               ParamRef bias, float2* chan, float2* rowsum) {
+  using U = Unit<T, VEC>;
+  const int64_t S = d.S;
+  const int64_t units = S / U::W;
+  for (int base = b.r0; base < b.r1; base += b.nteams) {
+    const int r = base + b.team;
+    const bool active = r < b.r1;
+    float a1 = 0.0f, a2 = 0.0f;
+    if (active) {
+      const float w = load_param(weight, b.c0 + r, 1.0f);
+      const float bb = load_param(bias, b.c0 + r, 0.0f);
+      const T* xrow = xg + r * S;
+      const T* dyrow = dyg + r * S;
+      for (int64_t u = b.lane; u < units; u += L) {
+        float fx[U::W];
+        float fdy[U::W];
+        if (keep_x != nullptr) {
+          U::load_keep(xrow + u * U::W, keep_x + r * S + u * U::W, fx);
+          U::load_keep(dyrow + u * U::W, keep_dy + r * S + u * U::W, fdy);
+        } else {
+          U::load(xrow + u * U::W, fx);
+          U::load(dyrow + u * U::W, fdy);
+        }
 #pragma unroll
-      for (int e = 0; e < U::W; ++e) f[e] = silu_f((f[e] - mean) * scale + shift);
-      U::store(yrow + u * U::W, f);
+        for (int e = 0; e < U::W; ++e) {
+          const float xhat = (fx[e] - mean) * rstd;
+          const float dz = silu_grad_dz(fdy[e], xhat * w + bb);
+          a1 += dz;
+          a2 += dz * xhat;
+        }
+      }
+    }
+    a1 = team_sum(a1, L);
+    a2 = team_sum(a2, L);
+    if (active && b.lane == 0) {
+      chan[b.n * d.C + b.c0 + r] = make_float2(a1, a2);
+      if (rowsum != nullptr) rowsum[r] = make_float2(a1, a2);
     }
   }
 }
 
-// Backward, per row: sums of dz and dz * xhat over the row (one team). `keep_x`/`keep_dy` (nullable)
-// receive copies of the row.
+// dx of the block's rows, given the group's mean(dxhat) = gm.x and mean(dxhat * xhat) = gm.y. xg, dyg,
+// dxg: the group's first rows (x and dy in global or shared memory).
 template <typename T, bool VEC>
-__device__ __forceinline__ void row_grad_sums(const T* xrow, const T* dyrow, T* keep_x, T* keep_dy, int64_t units,
-                                              int lane, int L, float mean, float rstd, float w, float b, float& a1,
-                                              float& a2) {
+__device__ __forceinline__ void rows_dx(const T* xg, const T* dyg, T* dxg, const NchwBlock& b, const GnDims& d, int L,
+                                        float mean, float rstd, ParamRef weight, ParamRef bias, float2 gm) {
   using U = Unit<T, VEC>;
-  for (int64_t u = lane; u < units; u += L) {
-    float fx[U::W];
-    float fdy[U::W];
-    if (keep_x != nullptr) {
-      U::load_keep(xrow + u * U::W, keep_x + u * U::W, fx);
-      U::load_keep(dyrow + u * U::W, keep_dy + u * U::W, fdy);
-    } else {
+  const int64_t S = d.S;
+  const int64_t units = S / U::W;
+  for (int r = b.r0 + b.team; r < b.r1; r += b.nteams) {
+    const float w = load_param(weight, b.c0 + r, 1.0f);
+    const float bb = load_param(bias, b.c0 + r, 0.0f);
+    const T* xrow = xg + r * S;
+    const T* dyrow = dyg + r * S;
+    T* dxrow = dxg + r * S;
+    for (int64_t u = b.lane; u < units; u += L) {
+      float fx[U::W];
+      float fdy[U::W];
       U::load(xrow + u * U::W, fx);
       U::load(dyrow + u * U::W, fdy);
-    }
 #pragma unroll
-    for (int e = 0; e < U::W; ++e) {
-      const float xhat = (fx[e] - mean) * rstd;
-      const float dz = silu_grad_dz(fdy[e], xhat * w + b);
-      a1 += dz;
-      a2 += dz * xhat;
+      for (int e = 0; e < U::W; ++e) {
+        const float xhat = (fx[e] - mean) * rstd;
+        const float dxhat = silu_grad_dz(fdy[e], xhat * w + bb) * w;
+        fx[e] = rstd * (dxhat - gm.x - xhat * gm.y);
+      }
+      U::store(dxrow + u * U::W, fx);
     }
-  }
-}
-
-// dx of one row (one team), given the group's mean(dxhat) = m1 and mean(dxhat * xhat) = m2.
-template <typename T, bool VEC>
-__device__ __forceinline__ void row_dx(const T* xrow, const T* dyrow, T* dxrow, int64_t units, int lane, int L,
-                                       float mean, float rstd, float w, float b, float m1, float m2) {
-  using U = Unit<T, VEC>;
-  for (int64_t u = lane; u < units; u += L) {
-    float fx[U::W];
-    float fdy[U::W];
-    U::load(xrow + u * U::W, fx);
-    U::load(dyrow + u * U::W, fdy);
-#pragma unroll
-    for (int e = 0; e < U::W; ++e) {
-      const float xhat = (fx[e] - mean) * rstd;
-      const float dxhat = silu_grad_dz(fdy[e], xhat * w + b) * w;
-      fx[e] = rstd * (dxhat - m1 - xhat * m2);
-    }
-    U::store(dxrow + u * U::W, fx);
   }
 }
 
@@ -389,15 +421,12 @@ __device__ __forceinline__ void row_dx(const T* xrow, const T* dyrow, T* dxrow, 
 // channels: sum_c w_c * (.x, .y). One whole warp; valid on every lane; divided by the group size.
 __device__ __forceinline__ float2 group_grad_means(const float2* chan, int64_t c0, int Cg, ParamRef weight,
                                                    float group_size) {
-  const int lane = threadIdx.x & 31;
-  float s1 = 0.0f, s2 = 0.0f;
-  for (int j = lane; j < Cg; j += 32) {
+  const float2 s = warp_sum_pairs(Cg, [&](int64_t j) {
     const float w = load_param(weight, c0 + j, 1.0f);
     const float2 p = chan[j];
-    s1 += w * p.x;
-    s2 += w * p.y;
-  }
-  return make_float2(warp_sum(s1) / group_size, warp_sum(s2) / group_size);
+    return make_float2(w * p.x, w * p.y);
+  });
+  return make_float2(s.x / group_size, s.y / group_size);
 }
 
 // Fused backward: one block per group, x and dy kept in shared memory. Writes dx and the per-(n, c)
@@ -407,54 +436,24 @@ __global__ void __launch_bounds__(kGnThreads)
     gn_bwd_fused_nchw(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean_in,
                       const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, T* __restrict__ dx,
                       float2* __restrict__ chan, GnDims d, int L) {
-  const int64_t ng = blockIdx.x;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / Unit<T, VEC>::W;
-  const int64_t M = static_cast<int64_t>(d.Cg) * S;
+  const NchwBlock b = nchw_block(d, L);
+  const int64_t M = static_cast<int64_t>(d.Cg) * d.S;
   SmemCarver carve{dynamic_smem()};
   T* xs = carve.take<T>(M);
   T* dys = carve.take<T>(M);
   float2* rowsum = carve.take<float2>(d.Cg);
   float2* gmeans = carve.take<float2>(1);
 
-  const float mean = mean_in[ng];
-  const float rstd = rstd_in[ng];
-  const int64_t c0 = static_cast<int64_t>(g) * d.Cg;
-  const int64_t goff = (n * d.C + c0) * S;
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  for (int base = 0; base < d.Cg; base += nteams) {
-    const int r = base + team;
-    const bool active = r < d.Cg;
-    float a1 = 0.0f, a2 = 0.0f;
-    if (active) {
-      const float w = load_param(weight, c0 + r, 1.0f);
-      const float b = load_param(bias, c0 + r, 0.0f);
-      row_grad_sums<T, VEC>(x + goff + r * S, dy + goff + r * S, xs + r * S, dys + r * S, units, lane, L, mean, rstd,
-                            w, b, a1, a2);
-    }
-    a1 = team_sum(a1, L);
-    a2 = team_sum(a2, L);
-    if (active && lane == 0) {
-      rowsum[r] = make_float2(a1, a2);
-      chan[n * d.C + c0 + r] = make_float2(a1, a2);
-    }
-  }
+  const float mean = mean_in[b.ng];
+  const float rstd = rstd_in[b.ng];
+  rows_grad_sums<T, VEC>(x + b.goff, dy + b.goff, xs, dys, b, d, L, mean, rstd, weight, bias, chan, rowsum);
   __syncthreads();
   if (threadIdx.x < 32) {
-    const float2 gm = group_grad_means(rowsum, c0, d.Cg, weight, static_cast<float>(M));
+    const float2 gm = group_grad_means(rowsum, b.c0, d.Cg, weight, static_cast<float>(M));
     if (threadIdx.x == 0) gmeans[0] = gm;
   }
   __syncthreads();
-  const float2 gm = gmeans[0];
-  for (int r = team; r < d.Cg; r += nteams) {
-    const float w = load_param(weight, c0 + r, 1.0f);
-    const float b = load_param(bias, c0 + r, 0.0f);
-    row_dx<T, VEC>(xs + r * S, dys + r * S, dx + goff + r * S, units, lane, L, mean, rstd, w, b, gm.x, gm.y);
-  }
+  rows_dx<T, VEC>(xs, dys, dx + b.goff, b, d, L, mean, rstd, weight, bias, gmeans[0]);
 }
 
 // Split backward, pass 1: per-channel sums of rows [r0, r1) of a group -> chan[n * C + c].
@@ -463,36 +462,9 @@ __global__ void __launch_bounds__(kGnThreads)
     gn_bwd_sums_nchw(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean_in,
                      const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, float2* __restrict__ chan,
                      GnDims d, int L) {
-  const int64_t ng = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / Unit<T, VEC>::W;
-  const float mean = mean_in[ng];
-  const float rstd = rstd_in[ng];
-  const int64_t c0 = static_cast<int64_t>(g) * d.Cg;
-  const int64_t goff = (n * d.C + c0) * S;
-  const int r0 = static_cast<int>(slice_begin(d.Cg, k, K));
-  const int r1 = static_cast<int>(slice_begin(d.Cg, k + 1, K));
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  for (int base = r0; base < r1; base += nteams) {
-    const int r = base + team;
-    const bool active = r < r1;
-    float a1 = 0.0f, a2 = 0.0f;
-    if (active) {
-      const float w = load_param(weight, c0 + r, 1.0f);
-      const float b = load_param(bias, c0 + r, 0.0f);
-      row_grad_sums<T, VEC>(x + goff + r * S, dy + goff + r * S, nullptr, nullptr, units, lane, L, mean, rstd, w, b,
-                            a1, a2);
-    }
-    a1 = team_sum(a1, L);
-    a2 = team_sum(a2, L);
-    if (active && lane == 0) chan[n * d.C + c0 + r] = make_float2(a1, a2);
-  }
+  const NchwBlock b = nchw_block(d, L);
+  rows_grad_sums<T, VEC>(x + b.goff, dy + b.goff, nullptr, nullptr, b, d, L, mean_in[b.ng], rstd_in[b.ng], weight, bias,
+                         chan, nullptr);
 }
 
 // Split backward, pass 2: dx of rows [r0, r1) of a group.
@@ -502,35 +474,14 @@ __global__ void __launch_bounds__(kGnThreads)
                    const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, const float2* __restrict__ chan,
                    T* __restrict__ dx, GnDims d, int L) {
   __shared__ float2 gmeans;
-  const int64_t ng = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t n = ng / d.G;
-  const int g = static_cast<int>(ng % d.G);
-  const int64_t S = d.S;
-  const int64_t units = S / Unit<T, VEC>::W;
-  const int64_t c0 = static_cast<int64_t>(g) * d.Cg;
-  const int64_t goff = (n * d.C + c0) * S;
+  const NchwBlock b = nchw_block(d, L);
   if (threadIdx.x < 32) {
-    const float2 gm = group_grad_means(chan + n * d.C + c0, c0, d.Cg, weight,
-                                       static_cast<float>(d.Cg) * static_cast<float>(S));
+    const float2 gm = group_grad_means(chan + b.n * d.C + b.c0, b.c0, d.Cg, weight,
+                                       static_cast<float>(d.Cg) * static_cast<float>(d.S));
     if (threadIdx.x == 0) gmeans = gm;
   }
   __syncthreads();
-  const float2 gm = gmeans;
-  const float mean = mean_in[ng];
-  const float rstd = rstd_in[ng];
-  const int r0 = static_cast<int>(slice_begin(d.Cg, k, K));
-  const int r1 = static_cast<int>(slice_begin(d.Cg, k + 1, K));
-  const int team = threadIdx.x / L;
-  const int lane = threadIdx.x % L;
-  const int nteams = kGnThreads / L;
-  for (int r = r0 + team; r < r1; r += nteams) {
-    const float w = load_param(weight, c0 + r, 1.0f);
-    const float b = load_param(bias, c0 + r, 0.0f);
-    row_dx<T, VEC>(x + goff + r * S, dy + goff + r * S, dx + goff + r * S, units, lane, L, mean, rstd, w, b, gm.x,
-                   gm.y);
-  }
+  rows_dx<T, VEC>(x + b.goff, dy + b.goff, dx + b.goff, b, d, L, mean_in[b.ng], rstd_in[b.ng], weight, bias, gmeans);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -540,16 +491,30 @@ __global__ void __launch_bounds__(kGnThreads)
 // chunks. Each thread keeps fixed channels, so per-channel sums stay in registers.
 // ------------------------------------------------------------------------------------------------------
 
+// What an NHWC block works on: sample n = blockIdx.x, its pixels [p0, p1) are slice k = blockIdx.y of
+// K = gridDim.y; and where its thread sits in the TX x TY tile.
 struct NhwcMap {
+  int64_t n;
+  int k;
+  int K;
+  int64_t p0;
+  int64_t p1;
+  int64_t base;   // offset of the sample's first element
   int64_t units;  // per pixel row
   int tx, ty, TX, TY, chunks;
   bool active;
 };
 
 template <int W>
-__device__ __forceinline__ NhwcMap nhwc_map(int64_t C) {
+__device__ __forceinline__ NhwcMap nhwc_map(const GnDims& d) {
   NhwcMap m;
-  m.units = C / W;
+  m.n = blockIdx.x;
+  m.k = blockIdx.y;
+  m.K = gridDim.y;
+  m.p0 = slice_begin(d.S, m.k, m.K);
+  m.p1 = slice_begin(d.S, m.k + 1, m.K);
+  m.base = m.n * d.S * d.C;
+  m.units = d.C / W;
   m.TX = static_cast<int>(m.units < kGnThreads ? m.units : kGnThreads);
   m.TY = kGnThreads / m.TX;
   m.tx = threadIdx.x % m.TX;
@@ -559,12 +524,105 @@ __device__ __forceinline__ NhwcMap nhwc_map(int64_t C) {
   return m;
 }
 
-// Per-channel tables in shared memory: group of each channel, (weight, bias) per channel.
-__device__ __forceinline__ void fill_channel_tables(int* gid, float2* wb, ParamRef weight, ParamRef bias,
-                                                    const GnDims& d) {
+// Calls f(g, gidx) for each group g of the block's sample (gidx = n * G + g), one warp per group: every
+// lane of the warp calls it.
+template <typename F>
+__device__ __forceinline__ void for_each_group_by_warp(const GnDims& d, F f) {
+  for (int g = threadIdx.x / 32; g < d.G; g += kGnWarps) f(g, static_cast<int64_t>(blockIdx.x) * d.G + g);
+}
+
+// Calls f(cu) for each unit column this thread keeps, one per column chunk (active threads only).
+template <typename F>
+__device__ __forceinline__ void for_each_own_column(const NhwcMap& m, F f) {
+  if (!m.active) return;
+  for (int chunk = 0; chunk < m.chunks; ++chunk) {
+    const int64_t cu = static_cast<int64_t>(chunk) * m.TX + m.tx;
+    if (cu >= m.units) break;
+    f(cu);
+  }
+}
+
+// Elements of the TY-row reduction scratch (none when a single row is in flight).
+template <int W>
+__device__ __forceinline__ int64_t nhwc_red_count(const NhwcMap& m) {
+  return m.TY > 1 ? static_cast<int64_t>(m.TY) * m.TX * W : 0;
+}
+
+// With TY > 1 rows in flight: adds up each channel's per-thread pair (a, b) of this column chunk over the
+// TY rows, in row order, and hands the totals to emit(c, t1, t2). Called by the whole block; `red` is
+// nhwc_red_count entries of scratch, free again on return.
+template <int W, typename Emit>
+__device__ __forceinline__ void sum_over_rows(const NhwcMap& m, int chunk, const float (&a)[W], const float (&b)[W],
+                                              float2* red, Emit emit) {
+  if (m.active) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) red[(static_cast<int64_t>(m.ty) * m.TX + m.tx) * W + e] = make_float2(a[e], b[e]);
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < m.TX * W; q += kGnThreads) {
+    const int64_t cuq = static_cast<int64_t>(chunk) * m.TX + q / W;
+    if (cuq < m.units) {
+      float t1 = 0.0f, t2 = 0.0f;
+      for (int r = 0; r < m.TY; ++r) {
+        const float2 v = red[static_cast<int64_t>(r) * m.TX * W + q];
+        t1 += v.x;
+        t2 += v.y;
+      }
+      emit(cuq * W + q % W, t1, t2);
+    }
+  }
+  __syncthreads();  // red is reused by the next chunk
+}
+
+// Per-channel tables in shared memory: the (weight, bias) and the group of each channel.
+struct ChannelTables {
+  float2* wb;
+  int* gid;
+};
+
+// Carves the tables (wb, then gid) and starts filling them: the whole block calls it, and they are ready
+// after the next __syncthreads.
+__device__ __forceinline__ ChannelTables channel_tables(SmemCarver& carve, ParamRef weight, ParamRef bias,
+                                                        const GnDims& d) {
+  ChannelTables t;
+  t.wb = carve.take<float2>(d.C);
+  t.gid = carve.take<int>(d.C);
   for (int64_t c = threadIdx.x; c < d.C; c += kGnThreads) {
-    gid[c] = static_cast<int>(c / d.Cg);
-    wb[c] = make_float2(load_param(weight, c, 1.0f), load_param(bias, c, 0.0f));
+    t.gid[c] = static_cast<int>(c / d.Cg);
+    t.wb[c] = make_float2(load_param(weight, c, 1.0f), load_param(bias, c, 0.0f));
+  }
+  return t;
+}
+
+// Backward over this thread's pixels of the slice in unit column cu: per element, xhat and dz (the gradient
+// before the SiLU) from x, dy, the statistics of the channel's group (gstat[g].x mean, .y rstd) and the
+// channel's (weight, bias); then visit(offset of the unit, the W group entries, the W (weight, bias), xhat,
+// dz) once per pixel.
+template <typename T, bool VEC, typename GroupStat, typename Visit>
+__device__ __forceinline__ void grad_column(const T* x, const T* dy, const NhwcMap& m, const GnDims& d, int64_t cu,
+                                            const GroupStat* gstat, const ChannelTables& ct, Visit visit) {
+  using U = Unit<T, VEC>;
+  constexpr int W = U::W;
+  GroupStat gs[W];
+  float2 cwb[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    const int64_t c = cu * W + e;
+    gs[e] = gstat[ct.gid[c]];
+    cwb[e] = ct.wb[c];
+  }
+  for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
+    const int64_t off = m.base + p * d.C + cu * W;
+    float fx[W], fdy[W];
+    U::load(x + off, fx);
+    U::load(dy + off, fdy);
+    float xhat[W], dz[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      xhat[e] = (fx[e] - gs[e].x) * gs[e].y;
+      dz[e] = silu_grad_dz(fdy[e], xhat[e] * cwb[e].x + cwb[e].y);
+    }
+    visit(off, gs, cwb, xhat, dz);
   }
 }
 
@@ -574,18 +632,13 @@ __global__ void __launch_bounds__(kGnThreads)
     gn_fwd_stats_nhwc(const T* __restrict__ x, float2* __restrict__ part, GnDims d) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const int64_t n = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t p0 = slice_begin(d.S, k, K);
-  const int64_t p1 = slice_begin(d.S, k + 1, K);
-  const float np = static_cast<float>(p1 - p0);
-  const NhwcMap m = nhwc_map<W>(d.C);
+  const NhwcMap m = nhwc_map<W>(d);
+  const float np = static_cast<float>(m.p1 - m.p0);
   SmemCarver carve{dynamic_smem()};
   float2* chstat = carve.take<float2>(d.C);
-  float2* red = carve.take<float2>(m.TY > 1 ? static_cast<int64_t>(m.TY) * m.TX * W : 0);
+  float2* red = carve.take<float2>(nhwc_red_count<W>(m));
 
-  const T* xs = x + n * d.S * d.C;
+  const T* xs = x + m.base;
   for (int chunk = 0; chunk < m.chunks; ++chunk) {
     const int64_t cu = static_cast<int64_t>(chunk) * m.TX + m.tx;
     const bool colok = m.active && cu < m.units;
@@ -593,8 +646,8 @@ __global__ void __launch_bounds__(kGnThreads)
 #pragma unroll
     for (int e = 0; e < W; ++e) shift[e] = s1[e] = s2[e] = 0.0f;
     if (colok) {
-      U::load(xs + p0 * d.C + cu * W, shift);
-      for (int64_t p = p0 + m.ty; p < p1; p += m.TY) {
+      U::load(xs + m.p0 * d.C + cu * W, shift);
+      for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
         float f[W];
         U::load(xs + p * d.C + cu * W, f);
 #pragma unroll
@@ -608,39 +661,20 @@ __global__ void __launch_bounds__(kGnThreads)
     if (m.TY == 1) {
       if (colok) {
 #pragma unroll
-        for (int e = 0; e < W; ++e) {
-          chstat[cu * W + e] = make_float2(shift[e] + s1[e] / np, nonneg(s2[e] - s1[e] * s1[e] / np));
-        }
+        for (int e = 0; e < W; ++e) chstat[cu * W + e] = shifted_moments(shift[e], s1[e], s2[e], np);
       }
     } else {
-      if (m.active) {
-#pragma unroll
-        for (int e = 0; e < W; ++e) red[(static_cast<int64_t>(m.ty) * m.TX + m.tx) * W + e] = make_float2(s1[e], s2[e]);
-      }
-      __syncthreads();
-      for (int q = threadIdx.x; q < m.TX * W; q += kGnThreads) {
-        const int64_t cuq = static_cast<int64_t>(chunk) * m.TX + q / W;
-        if (cuq < m.units) {
-          float t1 = 0.0f, t2 = 0.0f;
-          for (int r = 0; r < m.TY; ++r) {
-            const float2 v = red[static_cast<int64_t>(r) * m.TX * W + q];
-            t1 += v.x;
-            t2 += v.y;
-          }
-          const int64_t c = cuq * W + q % W;
-          const float sh = load_scalar(xs + p0 * d.C + c);
-          chstat[c] = make_float2(sh + t1 / np, nonneg(t2 - t1 * t1 / np));
-        }
-      }
-      __syncthreads();  // red is reused by the next chunk
+      // The shift of channel c is its value at the slice's first pixel.
+      sum_over_rows<W>(m, chunk, s1, s2, red, [&](int64_t c, float t1, float t2) {
+        chstat[c] = shifted_moments(load_scalar(xs + m.p0 * d.C + c), t1, t2, np);
+      });
     }
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32;
-  for (int g = warp; g < d.G; g += kGnWarps) {
+  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
     const float2 gm = combine_equal_count(chstat + static_cast<int64_t>(g) * d.Cg, d.Cg, np);
-    if ((threadIdx.x & 31) == 0) part[(n * d.G + g) * K + k] = gm;
-  }
+    if ((threadIdx.x & 31) == 0) part[gidx * m.K + m.k] = gm;
+  });
 }
 
 // Split forward, pass 2: merge each group's K slices, normalise + affine + SiLU pixels [p0, p1).
@@ -651,52 +685,34 @@ __global__ void __launch_bounds__(kGnThreads)
                       float eps) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const int64_t n = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
   SmemCarver carve{dynamic_smem()};
   float2* gstat = carve.take<float2>(d.G);
-  float2* wb = carve.take<float2>(d.C);
-  int* gid = carve.take<int>(d.C);
+  const ChannelTables ct = channel_tables(carve, weight, bias, d);
 
-  const int warp = threadIdx.x / 32;
-  for (int g = warp; g < d.G; g += kGnWarps) {
-    const Moments mo = merge_slices(part, n * d.G + g, K, d.S, static_cast<float>(d.Cg));
+  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
+    const Moments mo = merge_slices(part, gidx, gridDim.y, d.S, static_cast<float>(d.Cg));
     if ((threadIdx.x & 31) == 0) {
-      const float var = mo.m2 / (static_cast<float>(d.Cg) * static_cast<float>(d.S));
-      const float rstd = 1.0f / sqrtf(var + eps);
-      gstat[g] = make_float2(mo.mean, rstd);
-      if (k == 0) {
-        mean_out[n * d.G + g] = mo.mean;
-        rstd_out[n * d.G + g] = rstd;
-      }
+      publish_group_stats(mo.mean, mo.m2, d, eps, blockIdx.y == 0, gidx, gstat + g, mean_out, rstd_out);
     }
-  }
-  fill_channel_tables(gid, wb, weight, bias, d);
+  });
   __syncthreads();
 
-  const int64_t p0 = slice_begin(d.S, k, K);
-  const int64_t p1 = slice_begin(d.S, k + 1, K);
-  const NhwcMap m = nhwc_map<W>(d.C);
-  if (!m.active) return;
-  const int64_t base = n * d.S * d.C;
-  for (int chunk = 0; chunk < m.chunks; ++chunk) {
-    const int64_t cu = static_cast<int64_t>(chunk) * m.TX + m.tx;
-    if (cu >= m.units) break;
-    for (int64_t p = p0 + m.ty; p < p1; p += m.TY) {
-      const int64_t off = base + p * d.C + cu * W;
+  const NhwcMap m = nhwc_map<W>(d);
+  for_each_own_column(m, [&](int64_t cu) {
+    for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
+      const int64_t off = m.base + p * d.C + cu * W;
       float f[W];
       U::load(x + off, f);
 #pragma unroll
       for (int e = 0; e < W; ++e) {
         const int64_t c = cu * W + e;
-        const float2 gs = gstat[gid[c]];
-        const float2 p_wb = wb[c];
+        const float2 gs = gstat[ct.gid[c]];
+        const float2 p_wb = ct.wb[c];
         f[e] = silu_f((f[e] - gs.x) * (gs.y * p_wb.x) + p_wb.y);
       }
       U::store(y + off, f);
     }
-  }
+  });
 }
 
 // Split backward, pass 1: per-(sample, slice, channel) sums chan[(n * K + k) * C + c] = (sum dz,
@@ -708,25 +724,19 @@ __global__ void __launch_bounds__(kGnThreads)
                      float2* __restrict__ grp, GnDims d) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const int64_t n = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
-  const int64_t p0 = slice_begin(d.S, k, K);
-  const int64_t p1 = slice_begin(d.S, k + 1, K);
-  const NhwcMap m = nhwc_map<W>(d.C);
+  const NhwcMap m = nhwc_map<W>(d);
   SmemCarver carve{dynamic_smem()};
   float2* gstat = carve.take<float2>(d.G);
-  float2* wb = carve.take<float2>(d.C);
-  int* gid = carve.take<int>(d.C);
+  const ChannelTables ct = channel_tables(carve, weight, bias, d);
   float2* chsum = carve.take<float2>(d.C);
-  float2* red = carve.take<float2>(m.TY > 1 ? static_cast<int64_t>(m.TY) * m.TX * W : 0);
+  float2* red = carve.take<float2>(nhwc_red_count<W>(m));
 
-  for (int g = threadIdx.x; g < d.G; g += kGnThreads) gstat[g] = make_float2(mean_in[n * d.G + g], rstd_in[n * d.G + g]);
-  fill_channel_tables(gid, wb, weight, bias, d);
+  for (int g = threadIdx.x; g < d.G; g += kGnThreads) {
+    gstat[g] = make_float2(mean_in[m.n * d.G + g], rstd_in[m.n * d.G + g]);
+  }
   __syncthreads();
 
-  const int64_t base = n * d.S * d.C;
-  float2* chan_out = chan + (n * K + k) * d.C;
+  float2* chan_out = chan + (m.n * m.K + m.k) * d.C;
   for (int chunk = 0; chunk < m.chunks; ++chunk) {
     const int64_t cu = static_cast<int64_t>(chunk) * m.TX + m.tx;
     const bool colok = m.active && cu < m.units;
@@ -734,76 +744,37 @@ __global__ void __launch_bounds__(kGnThreads)
 #pragma unroll
     for (int e = 0; e < W; ++e) a1[e] = a2[e] = 0.0f;
     if (colok) {
-      float mean[W], rstd[W], w[W], b[W];
+      grad_column<T, VEC>(x, dy, m, d, cu, gstat, ct,
+                          [&](int64_t, const float2(&)[W], const float2(&)[W], const float(&xhat)[W], const float(&dz)[W]) {
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        const int64_t c = cu * W + e;
-        const float2 gs = gstat[gid[c]];
-        mean[e] = gs.x;
-        rstd[e] = gs.y;
-        w[e] = wb[c].x;
-        b[e] = wb[c].y;
-      }
-      for (int64_t p = p0 + m.ty; p < p1; p += m.TY) {
-        const int64_t off = base + p * d.C + cu * W;
-        float fx[W], fdy[W];
-        U::load(x + off, fx);
-        U::load(dy + off, fdy);
-#pragma unroll
-        for (int e = 0; e < W; ++e) {
-          const float xhat = (fx[e] - mean[e]) * rstd[e];
-          const float dz = silu_grad_dz(fdy[e], xhat * w[e] + b[e]);
-          a1[e] += dz;
-          a2[e] += dz * xhat;
-        }
-      }
+                            for (int e = 0; e < W; ++e) {
+                              a1[e] += dz[e];
+                              a2[e] += dz[e] * xhat[e];
+                            }
+                          });
     }
+    auto emit = [&](int64_t c, float t1, float t2) {
+      chsum[c] = make_float2(t1, t2);
+      chan_out[c] = make_float2(t1, t2);
+    };
     if (m.TY == 1) {
       if (colok) {
 #pragma unroll
-        for (int e = 0; e < W; ++e) {
-          const float2 v = make_float2(a1[e], a2[e]);
-          chsum[cu * W + e] = v;
-          chan_out[cu * W + e] = v;
-        }
+        for (int e = 0; e < W; ++e) emit(cu * W + e, a1[e], a2[e]);
       }
     } else {
-      if (m.active) {
-#pragma unroll
-        for (int e = 0; e < W; ++e) red[(static_cast<int64_t>(m.ty) * m.TX + m.tx) * W + e] = make_float2(a1[e], a2[e]);
-      }
-      __syncthreads();
-      for (int q = threadIdx.x; q < m.TX * W; q += kGnThreads) {
-        const int64_t cuq = static_cast<int64_t>(chunk) * m.TX + q / W;
-        if (cuq < m.units) {
-          float t1 = 0.0f, t2 = 0.0f;
-          for (int r = 0; r < m.TY; ++r) {
-            const float2 v = red[static_cast<int64_t>(r) * m.TX * W + q];
-            t1 += v.x;
-            t2 += v.y;
-          }
-          const int64_t c = cuq * W + q % W;
-          chsum[c] = make_float2(t1, t2);
-          chan_out[c] = make_float2(t1, t2);
-        }
-      }
-      __syncthreads();
+      sum_over_rows<W>(m, chunk, a1, a2, red, emit);
     }
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  for (int g = warp; g < d.G; g += kGnWarps) {
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int j = lane; j < d.Cg; j += 32) {
-      const int64_t c = static_cast<int64_t>(g) * d.Cg + j;
-      s1 += wb[c].x * chsum[c].x;
-      s2 += wb[c].x * chsum[c].y;
-    }
-    s1 = warp_sum(s1);
-    s2 = warp_sum(s2);
-    if (lane == 0) grp[(n * d.G + g) * K + k] = make_float2(s1, s2);
-  }
+  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
+    const int64_t c0 = static_cast<int64_t>(g) * d.Cg;
+    const float2 s = warp_sum_pairs(d.Cg, [&](int64_t j) {
+      const int64_t c = c0 + j;
+      return make_float2(ct.wb[c].x * chsum[c].x, ct.wb[c].x * chsum[c].y);
+    });
+    if ((threadIdx.x & 31) == 0) grp[gidx * m.K + m.k] = s;
+  });
 }
 
 // Split backward, pass 2: dx of pixels [p0, p1).
@@ -814,63 +785,34 @@ __global__ void __launch_bounds__(kGnThreads)
                    T* __restrict__ dx, GnDims d) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const int64_t n = blockIdx.x;
-  const int k = blockIdx.y;
-  const int K = gridDim.y;
   SmemCarver carve{dynamic_smem()};
   float4* gstat = carve.take<float4>(d.G);
-  float2* wb = carve.take<float2>(d.C);
-  int* gid = carve.take<int>(d.C);
+  const ChannelTables ct = channel_tables(carve, weight, bias, d);
 
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
+  const int K = gridDim.y;
   const float group_size = static_cast<float>(d.Cg) * static_cast<float>(d.S);
-  for (int g = warp; g < d.G; g += kGnWarps) {
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int j = lane; j < K; j += 32) {
-      const float2 v = grp[(n * d.G + g) * K + j];
-      s1 += v.x;
-      s2 += v.y;
+  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
+    const float2 s = warp_sum_pairs(K, [&](int64_t j) { return grp[gidx * K + j]; });
+    if ((threadIdx.x & 31) == 0) {
+      gstat[g] = make_float4(mean_in[gidx], rstd_in[gidx], s.x / group_size, s.y / group_size);
     }
-    s1 = warp_sum(s1);
-    s2 = warp_sum(s2);
-    if (lane == 0) {
-      gstat[g] = make_float4(mean_in[n * d.G + g], rstd_in[n * d.G + g], s1 / group_size, s2 / group_size);
-    }
-  }
-  fill_channel_tables(gid, wb, weight, bias, d);
+  });
   __syncthreads();
 
-  const int64_t p0 = slice_begin(d.S, k, K);
-  const int64_t p1 = slice_begin(d.S, k + 1, K);
-  const NhwcMap m = nhwc_map<W>(d.C);
-  if (!m.active) return;
-  const int64_t base = n * d.S * d.C;
-  for (int chunk = 0; chunk < m.chunks; ++chunk) {
-    const int64_t cu = static_cast<int64_t>(chunk) * m.TX + m.tx;
-    if (cu >= m.units) break;
-    float4 gs[W];
-    float2 cwb[W];
+  const NhwcMap m = nhwc_map<W>(d);
+  for_each_own_column(m, [&](int64_t cu) {
+    grad_column<T, VEC>(x, dy, m, d, cu, gstat, ct,
+                        [&](int64_t off, const float4(&gs)[W], const float2(&cwb)[W], const float(&xhat)[W],
+                            const float(&dz)[W]) {
+                          float r[W];
 #pragma unroll
-    for (int e = 0; e < W; ++e) {
-      const int64_t c = cu * W + e;
-      gs[e] = gstat[gid[c]];
-      cwb[e] = wb[c];
-    }
-    for (int64_t p = p0 + m.ty; p < p1; p += m.TY) {
-      const int64_t off = base + p * d.C + cu * W;
-      float fx[W], fdy[W];
-      U::load(x + off, fx);
-      U::load(dy + off, fdy);
-#pragma unroll
-      for (int e = 0; e < W; ++e) {
-        const float xhat = (fx[e] - gs[e].x) * gs[e].y;
-        const float dxhat = silu_grad_dz(fdy[e], xhat * cwb[e].x + cwb[e].y) * cwb[e].x;
-        fx[e] = gs[e].y * (dxhat - gs[e].z - xhat * gs[e].w);
-      }
-      U::store(dx + off, fx);
-    }
-  }
+                          for (int e = 0; e < W; ++e) {
+                            const float dxhat = dz[e] * cwb[e].x;
+                            r[e] = gs[e].y * (dxhat - gs[e].z - xhat[e] * gs[e].w);
+                          }
+                          U::store(dx + off, r);
+                        });
+  });
 }
 
 // dweight[c] = sum_r chan[r * C + c].y, dbias[c] = sum_r chan[r * C + c].x over the R partial rows, in
@@ -1146,3 +1088,8 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_bwd_cuda(const Tensor& grad_o
 }
 
 }  // namespace diffkern
+
+STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
+  m.impl("group_norm_silu_fwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_fwd_cuda));
+  m.impl("group_norm_silu_bwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_bwd_cuda));
+}

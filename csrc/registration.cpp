@@ -1,4 +1,4 @@
-// Schemas and CUDA bindings of the diffkern extension (torch stable ABI only).
+// Schemas of the diffkern extension's ops (torch stable ABI only).
 //
 // The ops live in the `diffkern` namespace next to the Python-defined custom ops (diffkern::add_noise,
 // ...), under their own names (diffkern::add_noise_cuda, ...); diffkern/_cuda_ops.py wraps them with the
@@ -15,45 +15,10 @@
 //   split:           GroupNorm regime: 0 automatic, -1 fused (one block per group, NCHW, when the group fits
 //                    in shared memory), k >= 1 split each group (NCHW) or sample (channels-last) into k
 //                    slices. For tests and tuning; the Python wrappers pass 0.
-#include <optional>
-#include <tuple>
-
+//
+// Each op's CUDA kernel is registered next to its definition (STABLE_TORCH_LIBRARY_IMPL at the end of
+// add_noise.cu, ddim.cu, ddpm.cu and group_norm_silu.cu), so that its C++ signature is written only there.
 #include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/tensor.h>
-
-namespace diffkern {
-
-using torch::stable::Tensor;
-
-// Defined in add_noise.cu, ddim.cu, ddpm.cu and group_norm_silu.cu.
-Tensor add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const Tensor& alphas_cumprod,
-                      const Tensor& timesteps);
-
-std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tensor& sample,
-                                          const std::optional<Tensor>& noise, const Tensor& alphas_cumprod,
-                                          const Tensor& timestep, const Tensor& prev_timestep,
-                                          double final_alpha_cumprod, double eta, int64_t prediction_type,
-                                          bool clip_sample, double clip_sample_range,
-                                          const std::optional<Tensor>& threshold_scale, bool use_clipped_model_output,
-                                          std::optional<double> guidance_scale, bool x0_only);
-
-std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tensor& sample,
-                                          const std::optional<Tensor>& noise, const Tensor& alphas_cumprod,
-                                          const Tensor& timestep, const Tensor& prev_timestep, int64_t variance_type,
-                                          int64_t prediction_type, bool clip_sample, double clip_sample_range,
-                                          const std::optional<Tensor>& threshold_scale,
-                                          std::optional<double> guidance_scale, bool x0_only);
-
-std::tuple<Tensor, Tensor, Tensor> group_norm_silu_fwd_cuda(const Tensor& x, const std::optional<Tensor>& weight,
-                                                            const std::optional<Tensor>& bias, int64_t num_groups,
-                                                            double eps, int64_t split);
-
-std::tuple<Tensor, Tensor, Tensor> group_norm_silu_bwd_cuda(const Tensor& grad_out, const Tensor& x,
-                                                            const std::optional<Tensor>& weight,
-                                                            const std::optional<Tensor>& bias, const Tensor& mean,
-                                                            const Tensor& rstd, int64_t num_groups, int64_t split);
-
-}  // namespace diffkern
 
 // A DEF library for the namespace: it coexists with the FRAGMENT libraries that torch.library.custom_op
 // opens for the Python-defined diffkern ops, whichever is registered first (only a second DEF library of
@@ -75,12 +40,4 @@ STABLE_TORCH_LIBRARY(diffkern, m) {
   m.def(
       "group_norm_silu_bwd_cuda(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
       "int num_groups, int split=0) -> (Tensor, Tensor, Tensor)");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
-  m.impl("add_noise_cuda", TORCH_BOX(&diffkern::add_noise_cuda));
-  m.impl("ddim_step_cuda", TORCH_BOX(&diffkern::ddim_step_cuda));
-  m.impl("ddpm_step_cuda", TORCH_BOX(&diffkern::ddpm_step_cuda));
-  m.impl("group_norm_silu_fwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_fwd_cuda));
-  m.impl("group_norm_silu_bwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_bwd_cuda));
 }

@@ -469,8 +469,8 @@ def _write_ninja_file(build_dir: Path, sources: Sequence[Path], toolkit: Toolkit
         "rule cc_stub",
         "  command = $cxx -x c -fPIC -c $in -o $out",
         "  description = CC $in",
-        # Every symbol but the CUDA-only shim functions must resolve: catches a kernel declared in the
-        # registration file but defined nowhere, which a lazily bound library would only hit on a GPU.
+        # Every symbol but the CUDA-only shim functions must resolve: catches a function declared but defined
+        # nowhere, which a lazily bound library would only hit on a GPU.
         "rule audit_link",
         "  command = $cxx $in -o $out $ldflags -Wl,--no-undefined",
         "  description = AUDIT undefined symbols",
