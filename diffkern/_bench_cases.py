@@ -106,28 +106,21 @@ class ShapeSet:
 
 # Latents [B, 4, H, W]: SD 1.5 at 512 px (64^2) and SDXL at 1024 px (128^2), batch 1, 2 and 8, and a bandwidth
 # probe of 32M elements (128 MiB per fp32 tensor, 64 MiB per fp16 one) where launch costs no longer matter.
-STEP_SHAPES: Tuple[ShapeSet, ...] = (
-    ShapeSet("sd15-b1", (1, 4, 64, 64), "gpu"),
-    ShapeSet("sd15-b2", (2, 4, 64, 64), "gpu", quick=True),
-    ShapeSet("sd15-b8", (8, 4, 64, 64), "gpu"),
-    ShapeSet("sdxl-b1", (1, 4, 128, 128), "gpu"),
-    ShapeSet("sdxl-b2", (2, 4, 128, 128), "gpu"),
-    ShapeSet("sdxl-b8", (8, 4, 128, 128), "gpu"),
+STEP_SHAPES: Tuple[ShapeSet, ...] = tuple(
+    ShapeSet(f"{model}-b{batch}", (batch, 4, size, size), "gpu", quick=(model, batch) == ("sd15", 2))
+    for model, size in (("sd15", 64), ("sdxl", 128)) for batch in (1, 2, 8)
+) + (
     ShapeSet("probe-32M", (8, 4, 1024, 1024), "gpu", quick=True),
     ShapeSet("cpu-small", (2, 4, 32, 32), "cpu", quick=True),
 )
 
 # GroupNorm inputs of the SD UNet (C 320/640/1280 at 64^2/32^2/16^2/8^2; N = 1, or 8 for batch 4 with guidance)
 # and the SD VAE decoder's last block at 512 px (128 channels at 512^2, 32M elements) as the bandwidth probe.
-GN_SHAPES: Tuple[ShapeSet, ...] = (
-    ShapeSet("unet-c320-64-n1", (1, 320, 64, 64), "gpu", quick=True),
-    ShapeSet("unet-c320-64-n8", (8, 320, 64, 64), "gpu"),
-    ShapeSet("unet-c640-32-n1", (1, 640, 32, 32), "gpu"),
-    ShapeSet("unet-c640-32-n8", (8, 640, 32, 32), "gpu"),
-    ShapeSet("unet-c1280-16-n1", (1, 1280, 16, 16), "gpu"),
-    ShapeSet("unet-c1280-16-n8", (8, 1280, 16, 16), "gpu"),
-    ShapeSet("unet-c1280-8-n1", (1, 1280, 8, 8), "gpu"),
-    ShapeSet("unet-c1280-8-n8", (8, 1280, 8, 8), "gpu"),
+GN_SHAPES: Tuple[ShapeSet, ...] = tuple(
+    ShapeSet(f"unet-c{channels}-{size}-n{batch}", (batch, channels, size, size), "gpu",
+             quick=(channels, batch) == (320, 1))
+    for channels, size in ((320, 64), (640, 32), (1280, 16), (1280, 8)) for batch in (1, 8)
+) + (
     ShapeSet("vae-c128-512-n1", (1, 128, 512, 512), "gpu", quick=True),
     ShapeSet("cpu-small", (2, 64, 16, 16), "cpu", quick=True),
 )

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from diffkern.ops import _common as C
+from diffkern.ops.ddim import ddim_step_reference
+from diffkern.ops.ddpm import ddpm_step_reference
 
 PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
@@ -109,60 +111,55 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumpro
     return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, timesteps)
 
 
+@C.float64_runs_reference(ddim_step_reference)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
-              final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
-              clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
-              sample_max_value: float, use_clipped_model_output: bool,
-              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if sample.dtype == torch.float64:
-        from diffkern.ops.ddim import ddim_step_reference
+              final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,
+              **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ddim_step_reference``'s contract (``step_options``: the options every step shares, ``_run_step``'s
+    keywords)."""
+    ddim_step_cuda = _ops().ddim_step_cuda
 
-        return ddim_step_reference(
-            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
-            final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
-            clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-            use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
-    ops = _ops()
-    pred = PREDICTION_CODES[prediction_type]
-    noise = noise if eta > 0 else None
-    scale = None
-    if thresholding:
-        x0, _ = ops.ddim_step_cuda(model_output, sample, None, alphas_cumprod, timestep, prev_timestep,
-                                   final_alpha_cumprod, eta, pred, False, clip_sample_range, None, False,
-                                   guidance_scale, True)
-        scale = C.dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value)
-    prev, x0 = ops.ddim_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
-                                  final_alpha_cumprod, eta, pred, clip_sample, clip_sample_range, scale,
-                                  use_clipped_model_output, guidance_scale, False)
-    return prev, x0
+    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
+        return ddim_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+                              final_alpha_cumprod, eta, prediction, clip_sample, clip_sample_range, threshold_scale,
+                              use_clipped_model_output, guidance_scale, x0_only)
+
+    return _run_step(launch, noise if eta > 0 else None, **step_options)
 
 
+@C.float64_runs_reference(ddpm_step_reference)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
-              variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
-              thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
-              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if sample.dtype == torch.float64:
-        from diffkern.ops.ddpm import ddpm_step_reference
+              variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ddpm_step_reference``'s contract (``step_options``: the options every step shares, ``_run_step``'s
+    keywords)."""
+    ddpm_step_cuda = _ops().ddpm_step_cuda
+    variance = VARIANCE_CODES[variance_type]
 
-        return ddpm_step_reference(
-            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
-            prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-            thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value, guidance_scale=guidance_scale)
-    ops = _ops()
-    pred = PREDICTION_CODES[prediction_type]
-    var = VARIANCE_CODES[variance_type]
+    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
+        return ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance,
+                              prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only)
+
+    return _run_step(launch, noise, **step_options)
+
+
+def _run_step(launch: Callable[..., Tuple[torch.Tensor, torch.Tensor]], noise: Optional[torch.Tensor], *,
+              prediction_type: str, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+              dynamic_thresholding_ratio: float, sample_max_value: float,
+              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Runs a step op through ``launch(noise, prediction_code, clip_sample, clip_sample_range, threshold_scale,
+    guidance_scale, x0_only)``, which calls it with the family's own arguments in place.
+
+    With ``thresholding`` the per-sample scale needs the unclipped x0 first: an ``x0_only`` launch (no noise, no
+    clipping) writes it as float32 ``[B, n]``, ``_common.dynamic_threshold_scale`` reduces it to s (float32
+    ``[B]``) and the step runs with s."""
+    prediction = PREDICTION_CODES[prediction_type]
     scale = None
     if thresholding:
-        x0, _ = ops.ddpm_step_cuda(model_output, sample, None, alphas_cumprod, timestep, prev_timestep, var, pred,
-                                   False, clip_sample_range, None, guidance_scale, True)
+        x0, _ = launch(None, prediction, False, clip_sample_range, None, guidance_scale, True)
         scale = C.dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value)
-    prev, x0 = ops.ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, var, pred,
-                                  clip_sample, clip_sample_range, scale, guidance_scale, False)
-    return prev, x0
+    return launch(noise, prediction, clip_sample, clip_sample_range, scale, guidance_scale, False)
 
 
 def _param(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

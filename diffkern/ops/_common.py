@@ -15,8 +15,9 @@ the same normalised arguments (the backend contract):
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -203,21 +204,29 @@ def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: tor
     return x0, eps
 
 
-def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
-    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), ``[B]`` in float32 (float64 for
-    float64 x0).
+def threshold_scale_from_abs(abs_x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), ``[B]`` in ``abs_x0``'s dtype, from
+    |x0| ``[B, n]`` (float32, or float64 for float64 samples).
 
     The quantile interpolates linearly between order statistics like ``torch.quantile`` (rank computed in
-    float32 as there), but selects with ``kthvalue`` so that it has no size limit."""
-    flat = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32)).abs()
-    n = flat.shape[1]
-    rank = float(torch.tensor(ratio, dtype=flat.dtype) * (n - 1))
+    ``abs_x0``'s dtype as there), but selects with ``kthvalue`` so that it has no size limit. The Triton backend
+    calls this on the |x0| its first pass wrote, the reference and the CUDA backend through
+    ``dynamic_threshold_scale``: every backend selects s the same way."""
+    n = abs_x0.shape[1]
+    rank = float(torch.tensor(ratio, dtype=abs_x0.dtype) * (n - 1))  # a CPU tensor: no sync
     below = int(math.floor(rank))
     above = min(below + 1, n - 1)
     weight = rank - below   # a python float: no host-to-device copy, so CUDA graphs can capture this
-    v_below = flat.kthvalue(below + 1, dim=1).values
-    v_above = flat.kthvalue(above + 1, dim=1).values if above != below else v_below
+    v_below = abs_x0.kthvalue(below + 1, dim=1).values
+    v_above = abs_x0.kthvalue(above + 1, dim=1).values if above != below else v_below
     return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)
+
+
+def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), ``[B]`` in float32 (float64 for
+    float64 x0), from x0 ``[B, ...]`` (see ``threshold_scale_from_abs``)."""
+    flat = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32)).abs()
+    return threshold_scale_from_abs(flat, ratio, sample_max_value)
 
 
 def clip_or_threshold(x0: torch.Tensor, *, clip_sample: bool, clip_sample_range: float, thresholding: bool,
@@ -255,3 +264,19 @@ def check_generator(generator, noise) -> None:
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator is not None and noise is not None:
         raise ValueError("pass either noise or generator, not both")
+
+
+def float64_runs_reference(reference: Callable) -> Callable[[Callable], Callable]:
+    """Decorator for a fast backend's step, called like ``reference`` as ``(model_output, sample, noise,
+    alphas_cumprod, timestep, prev_timestep, **options)`` with the tensors positional: float64 samples run
+    ``reference`` with the same arguments instead.
+
+    The kernels compute in fp32 by design; float64 is a checking dtype (gradcheck, 1e-10 tolerances) that the
+    reference already computes in fp64."""
+    def decorate(fast_step: Callable) -> Callable:
+        @functools.wraps(fast_step)
+        def step(model_output: torch.Tensor, sample: torch.Tensor, *args, **options):
+            run = reference if sample.dtype == torch.float64 else fast_step
+            return run(model_output, sample, *args, **options)
+        return step
+    return decorate

@@ -25,8 +25,7 @@ tolerance is 1e-10): matching it in a kernel needs fp64 coefficients and fp64 ex
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -176,6 +175,13 @@ def clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP: tl.constexpr, THR
 
 
 @triton.jit
+def store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0):
+    """Writes x_prev and x0 (fp32) at ``element`` of the step's outputs, in the outputs' dtype."""
+    tl.store(prev_out_ptr + element, prev.to(prev_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
                    timesteps_stride, n, blocks_per_sample, model_output_sample_stride, cond_offset, guidance_scale,
                    PREDICTION: tl.constexpr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
@@ -198,28 +204,12 @@ def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_st
 # Dynamic thresholding, host side.
 
 
-def threshold_scale_from_abs(abs_x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
-    """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), float32 ``[B]``, from |x0| ``[B, n]``.
-
-    The same selection as ``diffkern.ops._common.dynamic_threshold_scale`` (rank in float32, ``kthvalue``,
-    linear interpolation) without its ``abs`` copy, since the kernel wrote absolute values, and with the
-    interpolation weight as a Python float rather than a device tensor (no host-to-device copy). The weight
-    rank - floor(rank) is exact in float32, so both give the same result."""
-    n = abs_x0.shape[1]
-    rank = float(torch.tensor(ratio, dtype=torch.float32) * (n - 1))  # a CPU tensor: no sync
-    below = int(math.floor(rank))
-    above = min(below + 1, n - 1)
-    weight = rank - below
-    v_below = abs_x0.kthvalue(below + 1, dim=1).values
-    v_above = abs_x0.kthvalue(above + 1, dim=1).values if above != below else v_below
-    return torch.lerp(v_below, v_above, weight).clamp(1.0, sample_max_value)
-
-
 def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
                     timestep: torch.Tensor, *, prediction_type: str, guidance_scale: Optional[float],
                     model_output_sample_stride: int, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Per-sample dynamic-thresholding scale, float32 ``[B]``: one kernel pass writing |x0| (fp32, ``B*n``),
-    then a ``kthvalue`` selection per order statistic needed (one or two)."""
+    then ``_common.threshold_scale_from_abs``'s selection (one ``kthvalue`` per order statistic needed), which
+    needs no ``abs`` copy since the kernel wrote absolute values."""
     batch = sample.shape[0]
     n = sample.numel() // batch
     abs_x0 = torch.empty((batch, n), dtype=torch.float32, device=sample.device)
@@ -232,4 +222,52 @@ def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cum
             0.0 if guidance_scale is None else guidance_scale,
             PREDICTION=PREDICTION_CODES[prediction_type], GUIDED=guidance_scale is not None, BLOCK=cfg.block,
             num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
-    return threshold_scale_from_abs(abs_x0, ratio, sample_max_value)
+    return C.threshold_scale_from_abs(abs_x0, ratio, sample_max_value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step launcher (DDIM, DDPM).
+
+
+def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
+                family_args: Dict[str, Any], *, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+                thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+                guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Runs a step kernel over the flat buffers; returns (prev_sample, pred_original_sample) in the sample's
+    dtype and layout.
+
+    ``kernel`` takes the buffers, table and timesteps, ``n`` and ``blocks_per_sample`` positionally, as the
+    step kernels list them, then by name: ``model_output_sample_stride`` (elements per model-output sample:
+    n, or 2n for a learned variance), ``cond_offset`` (where the conditional half starts; 0 unguided),
+    ``clip_range``, ``guidance_scale`` and the constexprs ``PREDICTION``, ``CLIP``, ``THRESHOLD``,
+    ``HAS_NOISE`` (``noise`` given), ``GUIDED`` and ``BLOCK``, plus the family's own ``family_args``. With
+    ``thresholding`` a first pass computes the per-sample scale (``threshold_scale``), which the kernel reads."""
+    prev_out = torch.empty_like(sample)
+    x0_out = torch.empty_like(sample)
+    if sample.numel() == 0:
+        return prev_out, x0_out
+    batch = sample.shape[0]
+    n = sample.numel() // batch
+    model_output_sample_stride = model_output.numel() // model_output.shape[0]
+    guided = guidance_scale is not None
+    table, table_stride, num_train = table_args(alphas_cumprod)
+    timestep = as_index_vector(timestep)
+    prev_timestep = as_index_vector(prev_timestep)
+    scale = None
+    if thresholding:
+        scale = threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
+                                guidance_scale=guidance_scale, model_output_sample_stride=model_output_sample_stride,
+                                ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+    cfg = launch_config(batch, n)
+    with device_guard(sample):
+        kernel[cfg.grid](
+            model_output, sample, noise, scale, prev_out, x0_out,
+            table, table_stride, num_train, timestep, index_stride(timestep),
+            prev_timestep, index_stride(prev_timestep), n, cfg.blocks_per_sample,
+            model_output_sample_stride=model_output_sample_stride,
+            cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
+            guidance_scale=guidance_scale if guided else 0.0, PREDICTION=PREDICTION_CODES[prediction_type],
+            CLIP=clip_sample and not thresholding, THRESHOLD=thresholding, HAS_NOISE=noise is not None,
+            GUIDED=guided, BLOCK=cfg.block, num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
+    return prev_out, x0_out

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkern.ops import _common as C
 from diffkern.ops.ddim import ddim_step_reference
 from diffkern.triton import _common as K
 
@@ -32,8 +33,8 @@ from diffkern.triton import _common as K
 @triton.jit
 def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
                       table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
-                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample, cond_offset,
-                      final_alpha_cumprod, eta, clip_range, guidance_scale,
+                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample,
+                      model_output_sample_stride, cond_offset, final_alpha_cumprod, eta, clip_range, guidance_scale,
                       PREDICTION: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
                       BLOCK: tl.constexpr):
@@ -52,8 +53,10 @@ def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     eps_coef = tl.sqrt_rn(1.0 - a_prev - std * std)
 
     element = sample * n + offsets
-    # Guided: the unconditional half starts at the sample's own offset (model output and sample share strides).
-    model_out = K.load_model_output(model_output_ptr, element, mask, cond_offset, guidance_scale, GUIDED)
+    # The model output holds n elements per sample like x (model_output_sample_stride == n); guided, this
+    # addresses its unconditional half, and the conditional one starts cond_offset further on.
+    model_element = sample * model_output_sample_stride + offsets
+    model_out = K.load_model_output(model_output_ptr, model_element, mask, cond_offset, guidance_scale, GUIDED)
     x = tl.load(sample_ptr + element, mask=mask).to(tl.float32)
     x0 = K.predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION)
     if USE_CLIPPED:
@@ -65,54 +68,25 @@ def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     prev = x0_coef * x0 + eps_coef * eps
     if HAS_NOISE:
         prev = prev + std * tl.load(noise_ptr + element, mask=mask).to(tl.float32)
-    tl.store(prev_out_ptr + element, prev.to(prev_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+    K.store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0)
 
 
+@C.float64_runs_reference(ddim_step_reference)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
-              final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
-              clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
-              sample_max_value: float, use_clipped_model_output: bool,
-              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+              final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,
+              **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
     """``ddim_step_reference``'s contract: ``model_output`` ``[B or 2B, ...]`` (2B with ``guidance_scale``),
     ``sample`` ``[B, ...]`` and ``noise`` (used when eta > 0) laid out alike, fp16/bf16/fp32 (fp64 runs the
-    reference); table float32 ``[T]``; timesteps int64 ``[1 or B]``. Returns (prev_sample,
-    pred_original_sample) in the sample's dtype and layout."""
-    if sample.dtype == torch.float64:
-        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
-        return ddim_step_reference(
-            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
-            final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
-            clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-            use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
+    reference); table float32 ``[T]``; timesteps int64 ``[1 or B]``; ``step_options`` are the options every
+    step shares (``K.launch_step``'s keywords). Returns (prev_sample, pred_original_sample) in the sample's dtype
+    and layout."""
     has_noise = eta > 0
     if has_noise and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise")
-    K.check_flat_layout(model_output, sample, noise if has_noise else None)
-    prev_out = torch.empty_like(sample)
-    x0_out = torch.empty_like(sample)
-    if sample.numel() == 0:
-        return prev_out, x0_out
-    batch = sample.shape[0]
-    n = sample.numel() // batch
-    table, table_stride, num_train = K.table_args(alphas_cumprod)
-    timestep = K.as_index_vector(timestep)
-    prev_timestep = K.as_index_vector(prev_timestep)
-    scale = None
-    if thresholding:
-        scale = K.threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
-                                  guidance_scale=guidance_scale, model_output_sample_stride=n,
-                                  ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    cfg = K.launch_config(batch, n)
-    with K.device_guard(sample):
-        _ddim_step_kernel[cfg.grid](
-            model_output, sample, noise if has_noise else None, scale, prev_out, x0_out,
-            table, table_stride, num_train, timestep, K.index_stride(timestep),
-            prev_timestep, K.index_stride(prev_timestep), n, cfg.blocks_per_sample, batch * n,
-            final_alpha_cumprod, eta, clip_sample_range, 0.0 if guidance_scale is None else guidance_scale,
-            PREDICTION=K.PREDICTION_CODES[prediction_type], CLIP=clip_sample and not thresholding,
-            THRESHOLD=thresholding, USE_CLIPPED=use_clipped_model_output, HAS_NOISE=has_noise,
-            GUIDED=guidance_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
-    return prev_out, x0_out
+    noise = noise if has_noise else None
+    K.check_flat_layout(model_output, sample, noise)
+    return K.launch_step(_ddim_step_kernel, model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+                         dict(final_alpha_cumprod=final_alpha_cumprod, eta=eta,
+                              USE_CLIPPED=use_clipped_model_output),
+                         **step_options)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkern.ops import _common as C
 from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step_reference
 from diffkern.triton import _common as K
 
@@ -45,7 +46,7 @@ VARIANCE_CODES = {"fixed_small": FIXED_SMALL.value, "fixed_small_log": FIXED_SMA
 def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
                       table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
                       prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample,
-                      model_output_sample_stride, cond_offset, variance_offset, clip_range, guidance_scale,
+                      model_output_sample_stride, cond_offset, clip_range, guidance_scale,
                       PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
                       THRESHOLD: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
                       BLOCK: tl.constexpr):
@@ -80,7 +81,8 @@ def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
         elif VARIANCE == FIXED_LARGE:
             std = tl.sqrt_rn(beta)
         else:
-            predicted = tl.load(model_output_ptr + variance_offset + model_element, mask=mask).to(tl.float32)
+            # p: the second n elements of the sample's 2n in the conditional half (the only half unguided).
+            predicted = tl.load(model_output_ptr + cond_offset + n + model_element, mask=mask).to(tl.float32)
             if VARIANCE == LEARNED:
                 std = tl.sqrt_rn(predicted)
             else:
@@ -90,59 +92,23 @@ def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
         std = tl.where(t > 0, std, 0.0)
         prev = prev + std * tl.load(noise_ptr + element, mask=mask).to(tl.float32)
 
-    tl.store(prev_out_ptr + element, prev.to(prev_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+    K.store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0)
 
 
+@C.float64_runs_reference(ddpm_step_reference)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
-              variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
-              thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
-              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+              variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
     """``ddpm_step_reference``'s contract: ``model_output`` ``[B or 2B, C or 2C, ...]`` (2C for learned variance
     types, and then every tensor C-contiguous), ``sample`` ``[B, C, ...]`` and ``noise`` (or None: no noise)
     laid out alike, fp16/bf16/fp32 (fp64 runs the reference); table float32 ``[T]``; timesteps int64
-    ``[1 or B]``. Returns (prev_sample, pred_original_sample) in the sample's dtype and layout."""
-    if sample.dtype == torch.float64:
-        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
-        return ddpm_step_reference(
-            model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
-            prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-            thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value, guidance_scale=guidance_scale)
-    learned = variance_type in LEARNED_VARIANCE_TYPES
-    if learned:
+    ``[1 or B]``; ``step_options`` are the options every step shares (``K.launch_step``'s keywords). Returns
+    (prev_sample, pred_original_sample) in the sample's dtype and layout."""
+    if variance_type in LEARNED_VARIANCE_TYPES:
         # The 2C-channel output is split per sample in storage order: only C order splits it by channel.
         if not all(t is None or t.is_contiguous() for t in (model_output, sample, noise)):
             raise ValueError("ddpm_step with a learned variance needs contiguous tensors")
     else:
         K.check_flat_layout(model_output, sample, noise)
-    prev_out = torch.empty_like(sample)
-    x0_out = torch.empty_like(sample)
-    if sample.numel() == 0:
-        return prev_out, x0_out
-    batch = sample.shape[0]
-    n = sample.numel() // batch
-    model_output_sample_stride = 2 * n if learned else n
-    cond_offset = batch * model_output_sample_stride if guidance_scale is not None else 0
-    table, table_stride, num_train = K.table_args(alphas_cumprod)
-    timestep = K.as_index_vector(timestep)
-    prev_timestep = K.as_index_vector(prev_timestep)
-    scale = None
-    if thresholding:
-        scale = K.threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
-                                  guidance_scale=guidance_scale,
-                                  model_output_sample_stride=model_output_sample_stride,
-                                  ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-    cfg = K.launch_config(batch, n)
-    with K.device_guard(sample):
-        _ddpm_step_kernel[cfg.grid](
-            model_output, sample, noise, scale, prev_out, x0_out,
-            table, table_stride, num_train, timestep, K.index_stride(timestep),
-            prev_timestep, K.index_stride(prev_timestep), n, cfg.blocks_per_sample,
-            model_output_sample_stride, cond_offset, cond_offset + n,
-            clip_sample_range, 0.0 if guidance_scale is None else guidance_scale,
-            PREDICTION=K.PREDICTION_CODES[prediction_type], VARIANCE=VARIANCE_CODES[variance_type],
-            CLIP=clip_sample and not thresholding, THRESHOLD=thresholding, HAS_NOISE=noise is not None,
-            GUIDED=guidance_scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
-    return prev_out, x0_out
+    return K.launch_step(_ddpm_step_kernel, model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
+                         dict(VARIANCE=VARIANCE_CODES[variance_type]), **step_options)

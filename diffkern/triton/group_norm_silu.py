@@ -304,6 +304,25 @@ def _tile(c_tile, s_tile, C, S, CPG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
+def _load_tile_affine(w_ptr, b_ptr, channel0, c_tile, CPG, BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+    """(channel-in-group index [BLOCK_C], weight, bias) of channel tile ``c_tile``, as ``_load_affine``."""
+    c_idx = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    w, b = _load_affine(w_ptr, b_ptr, channel0, c_idx, CPG, HAS_WEIGHT, HAS_BIAS)
+    return c_idx, w, b
+
+
+@triton.jit
+def _load_x_tile(x_grp, mean, c_tile, s_tile, C, S, CPG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """(offsets, mask, x) of tile (c_tile, s_tile) of one group: x fp32 [BLOCK_S, BLOCK_C], its masked lanes
+    ``mean`` (see ``_chunk_normalize_silu``)."""
+    offsets, mask, _ = _tile(c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
+    x = tl.load(x_grp + offsets, mask=mask, other=mean).to(tl.float32)
+    return offsets, mask, x
+
+
+@triton.jit
 def _group_count(CPG, S):
     """CPG * S as fp32 (computed in fp32: a group may pass 2^31 elements)."""
     return tl.cast(CPG, tl.float32) * tl.cast(S, tl.float32)
@@ -378,11 +397,10 @@ def _chunk_normalize_silu(x_grp, y_grp, w_ptr, b_ptr, channel0, mean, rstd, c_be
     (Here and in the backward passes, masked lanes load ``mean``: their xhat is 0, not -mean * rstd, which
     for a large mean would overflow exp() in the sigmoid of lanes that are never stored.)"""
     for c_tile in range(c_begin, c_end):
-        c_idx = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        w, b = _load_affine(w_ptr, b_ptr, channel0, c_idx, CPG, HAS_WEIGHT, HAS_BIAS)
+        _, w, b = _load_tile_affine(w_ptr, b_ptr, channel0, c_tile, CPG, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
         for s_tile in range(s_begin, s_end):
-            offsets, mask, _ = _tile(c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
-            x = tl.load(x_grp + offsets, mask=mask, other=mean).to(tl.float32)
+            offsets, mask, x = _load_x_tile(x_grp, mean, c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST,
+                                            OFFSETS_64)
             z = _affine((x - mean) * rstd, w, b, HAS_WEIGHT, HAS_BIAS)
             tl.store(y_grp + offsets, (z * tl.sigmoid(z)).to(y_grp.dtype.element_ty), mask=mask)
 
@@ -411,13 +429,12 @@ def _chunk_grad_sums(x_grp, dy_grp, w_ptr, b_ptr, dw_row, db_row, channel0, mean
     sum_dxhat = 0.0
     sum_dxhat_xhat = 0.0
     for c_tile in range(c_begin, c_end):
-        c_idx = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        w, b = _load_affine(w_ptr, b_ptr, channel0, c_idx, CPG, HAS_WEIGHT, HAS_BIAS)
+        c_idx, w, b = _load_tile_affine(w_ptr, b_ptr, channel0, c_tile, CPG, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
         dw_acc = tl.zeros([BLOCK_C], tl.float32)
         db_acc = tl.zeros([BLOCK_C], tl.float32)
         for s_tile in range(s_begin, s_end):
-            offsets, mask, _ = _tile(c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
-            x = tl.load(x_grp + offsets, mask=mask, other=mean).to(tl.float32)
+            offsets, mask, x = _load_x_tile(x_grp, mean, c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST,
+                                            OFFSETS_64)
             dy = tl.load(dy_grp + offsets, mask=mask, other=0.0).to(tl.float32)
             xhat, dz, dxhat = _tile_grads(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS)
             sum_dxhat += tl.sum(dxhat)
@@ -440,11 +457,10 @@ def _chunk_dx(x_grp, dy_grp, dx_grp, w_ptr, b_ptr, channel0, mean, rstd, mean_dx
               HAS_BIAS: tl.constexpr):
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over tiles of one group."""
     for c_tile in range(c_begin, c_end):
-        c_idx = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        w, b = _load_affine(w_ptr, b_ptr, channel0, c_idx, CPG, HAS_WEIGHT, HAS_BIAS)
+        _, w, b = _load_tile_affine(w_ptr, b_ptr, channel0, c_tile, CPG, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
         for s_tile in range(s_begin, s_end):
-            offsets, mask, _ = _tile(c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
-            x = tl.load(x_grp + offsets, mask=mask, other=mean).to(tl.float32)
+            offsets, mask, x = _load_x_tile(x_grp, mean, c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST,
+                                            OFFSETS_64)
             dy = tl.load(dy_grp + offsets, mask=mask, other=0.0).to(tl.float32)
             xhat, dz, dxhat = _tile_grads(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS)
             dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
