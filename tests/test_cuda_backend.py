@@ -22,11 +22,13 @@ import pytest
 import torch
 
 import diffkern
+from _helpers import check_param_grads, ddpm_model_output, group_norm_silu_param_grad_sums, in_layout, same_layout
+from _helpers import run_both as run_both_backends
 from diffkern import _cuda_ops, backends
 from diffkern.ops.ddpm import VARIANCE_TYPES
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 from diffkern.schedules import NoiseSchedule
-from diffkern.testing import assert_close, tolerance
+from diffkern.testing import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_TRAIN = 1000
@@ -62,10 +64,6 @@ def draw(gen):
     return sample
 
 
-def channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def misaligned(t: torch.Tensor) -> torch.Tensor:
     """The same values in a contiguous view whose storage starts one element past an allocation (so no
     sample starts on a 16-byte boundary): the kernels' scalar head/tail paths."""
@@ -82,32 +80,15 @@ def nhwc_3d(t: torch.Tensor) -> torch.Tensor:
 
 def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
-        return channels_last(t)
+        return in_layout(t, channels_last=True)
     if layout == "misaligned":
         return misaligned(t)
     return t
 
 
-def same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same memory layout: strides equal wherever the size is not 1 (a size-1 dimension's stride is free)."""
-    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
-
-
 def run_both(op, *args, **kwargs):
-    """``op`` on the cuda backend and on the reference; asserts what ran, compares, returns cuda's result."""
-    name = op.__name__
-    fast = op(*args, backend="cuda", **kwargs)
-    assert backends.last_backend(name) == "cuda"
-    expected = op(*args, backend="reference", **kwargs)
-    assert backends.last_backend(name) == "reference"
-    fast_outputs = (fast,) if isinstance(fast, torch.Tensor) else tuple(fast)
-    expected_outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
-    assert len(fast_outputs) == len(expected_outputs)
-    for index, (actual, wanted) in enumerate(zip(fast_outputs, expected_outputs)):
-        assert actual.dtype == wanted.dtype and actual.shape == wanted.shape, (index, actual.shape, wanted.shape)
-        assert same_strides(actual, wanted), f"{name} output {index}: layout {actual.stride()} != {wanted.stride()}"
-        assert_close(actual, wanted, msg=f"{name} output {index}")
-    return fast
+    """``op`` on the cuda backend and on the reference, compared (``_helpers.run_both``); returns cuda's result."""
+    return run_both_backends(op, "cuda", *args, **kwargs)
 
 
 def timesteps_for(kind: str, gen, batch: int, low: int = 0, high: int = NUM_TRAIN):
@@ -212,17 +193,6 @@ def test_ddim_step_layouts(cuda_backend, table, draw, gen, dtype, layout, shape,
 # ----------------------------------------------------------------------------------------------------------
 # DDPM
 
-def ddpm_model_output(draw, shape, variance_type, dtype, guided):
-    batch = shape[0] * (2 if guided else 1)
-    prediction = draw(batch, *shape[1:], dtype=dtype)
-    if variance_type not in ("learned", "learned_range"):
-        return prediction
-    raw = draw(batch, *shape[1:])
-    # variances for `learned` (a square root is taken), interpolation fractions in (-1, 1) for `learned_range`
-    variance = (raw.abs() * 0.01 + 1e-4) if variance_type == "learned" else torch.tanh(raw)
-    return torch.cat([prediction, variance.to(dtype)], dim=1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -272,18 +242,8 @@ GN_CASES = [  # (N, C, spatial, G)
 ]
 
 
-def _param_grad_close(actual, expected, dtype, count):
-    """dweight/dbias are sums over N * S elements: the tolerance grows with the sum's magnitude."""
-    rtol, atol = tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=max(rtol, 1e-4),
-                               atol=max(atol, 1e-5) * count ** 0.5)
-
-
 def gn_input(draw, n, c, spatial, dtype, layout, **kwargs):
-    x = draw(n, c, *spatial, dtype=dtype, **kwargs)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-    return x
+    return in_layout(draw(n, c, *spatial, dtype=dtype, **kwargs), layout == "channels_last")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -309,14 +269,11 @@ def test_group_norm_silu_forward_backward(cuda_backend, draw, dtype, case, layou
         results[backend] = (y.detach(), x.grad, None if weight is None else weight.grad,
                             None if bias is None else bias.grad)
     (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref) = results["cuda"], results["reference"]
-    assert same_strides(y, x_data) and same_strides(dx, x_data)
+    assert same_layout(y, x_data) and same_layout(dx, x_data)
     assert_close(y, y_ref, msg="y")
     assert_close(dx, dx_ref, msg="dx")
-    count = x_data.numel() // c
-    for got, want in ((dw, dw_ref), (db, db_ref)):
-        assert (got is None) == (want is None)
-        if got is not None:
-            _param_grad_close(got, want, got.dtype, count)
+    check_param_grads(dict(dweight=dw, dbias=db), dict(dweight=dw_ref, dbias=db_ref),
+                      group_norm_silu_param_grad_sums(grad, x_data, weight_data, bias_data, groups, 1e-5))
 
 
 def _gn_direct(x3, weight, bias, groups, split, grad3):
@@ -341,13 +298,13 @@ def test_group_norm_silu_regimes(cuda_backend, draw, dtype, layout, split, case)
     y, mean, rstd, dx, dweight, dbias = _gn_direct(x3, weight, bias, groups, split, grad3)
     y_ref, mean_ref, rstd_ref = group_norm_silu_forward_reference(x3, weight, bias, groups, 1e-5)
     dx_ref, dw_ref, db_ref = group_norm_silu_backward_reference(grad3, x3, weight, bias, mean_ref, rstd_ref, groups)
-    assert same_strides(y, x3) and same_strides(dx, x3)
+    assert same_layout(y, x3) and same_layout(dx, x3)
     assert_close(mean, mean_ref, msg="mean")
     assert_close(rstd, rstd_ref, msg="rstd")
     assert_close(y, y_ref, msg="y")
     assert_close(dx, dx_ref, msg="dx")
-    _param_grad_close(dweight, dw_ref, torch.float32, n * s)
-    _param_grad_close(dbias, db_ref, torch.float32, n * s)
+    check_param_grads(dict(dweight=dweight, dbias=dbias), dict(dweight=dw_ref, dbias=db_ref),
+                      group_norm_silu_param_grad_sums(grad3, x3, weight, bias, groups, 1e-5))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

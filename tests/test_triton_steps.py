@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import diffkern
+from _helpers import ddpm_model_output
+from _helpers import run_both as run_both_backends
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.schedules import NoiseSchedule
@@ -39,40 +41,12 @@ def table(schedule, device) -> torch.Tensor:
 
 
 def run_both(op, *args, **kwargs):
-    """``op`` on the Triton backend and on the reference; asserts what ran, compares, returns Triton's result."""
-    name = op.__name__
-    fast = op(*args, backend="triton", **kwargs)
-    assert backends.last_backend(name) == "triton"
-    expected = op(*args, backend="reference", **kwargs)
-    assert backends.last_backend(name) == "reference"
-    fast_outputs = (fast,) if isinstance(fast, torch.Tensor) else tuple(fast)
-    expected_outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
-    for index, (actual, wanted) in enumerate(zip(fast_outputs, expected_outputs)):
-        assert actual.dtype == wanted.dtype and actual.shape == wanted.shape
-        assert_close(actual, wanted, msg=f"{name} output {index}")
-    return fast
+    """``op`` on the Triton backend and on the reference, compared (``_helpers.run_both``); returns Triton's result."""
+    return run_both_backends(op, "triton", *args, **kwargs)
 
 
 def random_timesteps(gen, batch, device, low=0, high=NUM_TRAIN):
     return torch.randint(low, high, (batch,), generator=gen).to(device)
-
-
-def learned_variance_channels(randn, shape, variance_type, dtype):
-    """Values for the predicted-variance channels: positive variances for ``learned``, interpolation
-    fractions in (-1, 1) for ``learned_range``."""
-    raw = randn(*shape)
-    values = raw.abs() * 0.01 + 1e-4 if variance_type == "learned" else torch.tanh(raw)
-    return values.to(dtype)
-
-
-def ddpm_model_output(randn, shape, variance_type, dtype, guided):
-    """``[B or 2B, C or 2C, ...]`` model output for ``ddpm_step`` (prediction, then p when learned)."""
-    batch = shape[0] * (2 if guided else 1)
-    prediction = randn(batch, *shape[1:], dtype=dtype)
-    if variance_type not in ("learned", "learned_range"):
-        return prediction
-    variance = learned_variance_channels(randn, (batch,) + tuple(shape[1:]), variance_type, dtype)
-    return torch.cat([prediction, variance], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

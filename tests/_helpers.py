@@ -1,0 +1,104 @@
+"""Helpers shared by the backend test files (imported as ``_helpers``: pytest puts ``tests/`` on ``sys.path``,
+as it does for ``conftest``).
+
+``run_both`` compares a fast backend with the reference on the same inputs; ``same_layout`` and ``in_layout``
+handle memory layouts; ``ddpm_model_output`` builds DDPM model outputs with a predicted variance;
+``group_norm_silu_param_grad_sums`` gives float64 dweight/dbias of GroupNorm+SiLU with the size of their
+terms, for ``diffkern.testing.assert_close_sum``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from diffkern import backends
+from diffkern.testing import assert_close, assert_close_sum
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and strides, ignoring the strides of size-1 dimensions (they address nothing)."""
+    return a.shape == b.shape and all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` contiguous, or channels-last (4-D) / channels-last-3d (5-D)."""
+    if not channels_last:
+        return t.contiguous()
+    return t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.ndim])
+
+
+def run_both(op, backend: str, *args, **kwargs):
+    """``op(*args, **kwargs)`` on ``backend`` and on the reference: asserts which backend ran each time, that the
+    outputs agree in number, dtype, shape and layout, and compares them through the tolerance table. Returns
+    ``backend``'s result."""
+    name = op.__name__
+    fast = op(*args, backend=backend, **kwargs)
+    assert backends.last_backend(name) == backend
+    expected = op(*args, backend="reference", **kwargs)
+    assert backends.last_backend(name) == "reference"
+    fast_outputs = (fast,) if isinstance(fast, torch.Tensor) else tuple(fast)
+    expected_outputs = (expected,) if isinstance(expected, torch.Tensor) else tuple(expected)
+    assert len(fast_outputs) == len(expected_outputs)
+    for index, (actual, wanted) in enumerate(zip(fast_outputs, expected_outputs)):
+        assert actual.dtype == wanted.dtype and actual.shape == wanted.shape, (index, actual.shape, wanted.shape)
+        assert same_layout(actual, wanted), f"{name} output {index}: layout {actual.stride()} != {wanted.stride()}"
+        assert_close(actual, wanted, msg=f"{name} output {index}")
+    return fast
+
+
+def ddpm_model_output(sample, shape, variance_type, dtype, guided):
+    """``[B or 2B, C or 2C, ...]`` model output for ``ddpm_step``: the prediction, then for ``learned`` positive
+    variances and for ``learned_range`` interpolation fractions in (-1, 1). ``sample(*shape, dtype=...)`` draws
+    normal values."""
+    batch = shape[0] * (2 if guided else 1)
+    prediction = sample(batch, *shape[1:], dtype=dtype)
+    if variance_type not in ("learned", "learned_range"):
+        return prediction
+    raw = sample(batch, *shape[1:])
+    variance = raw.abs() * 0.01 + 1e-4 if variance_type == "learned" else torch.tanh(raw)
+    return torch.cat([prediction, variance.to(dtype)], dim=1)
+
+
+def group_norm_silu_param_grad_sums(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                    bias: Optional[torch.Tensor], num_groups: int, eps: float
+                                    ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
+    """name -> (float64 sum, largest |term| per channel, number of terms) for "dweight" and "dbias" of
+    ``silu(group_norm(x))`` (those whose parameter is given), from float64 math on the inputs' values.
+
+    dweight[c] = sum over n, s of dz * xhat and dbias[c] = sum of dz, with dz = dy * silu'(z) and
+    z = xhat * weight + bias: N * S terms per channel."""
+    n, c = x.shape[:2]
+    x64 = x.detach().double().reshape(n, num_groups, -1)
+    mean = x64.mean(dim=2, keepdim=True)
+    rstd = torch.rsqrt(x64.var(dim=2, unbiased=False, keepdim=True) + eps)
+    xhat = ((x64 - mean) * rstd).reshape(n, c, -1)
+    z = xhat
+    if weight is not None:
+        z = z * weight.detach().double()[None, :, None]
+    if bias is not None:
+        z = z + bias.detach().double()[None, :, None]
+    sig = torch.sigmoid(z)
+    dz = grad_out.detach().double().reshape(n, c, -1) * sig * (1 + z * (1 - sig))
+    count = dz.shape[0] * dz.shape[2]
+    result = {}
+    for name, param, terms in (("dweight", weight, dz * xhat), ("dbias", bias, dz)):
+        if param is not None:
+            result[name] = (terms.sum(dim=(0, 2)), terms.abs().amax(dim=(0, 2)), count)
+    return result
+
+
+def check_param_grads(grads: Dict[str, Optional[torch.Tensor]], references: Dict[str, Optional[torch.Tensor]],
+                      truth: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]], msg: str = "") -> None:
+    """dweight/dbias (``grads``, None where the parameter is absent) against another backend's (``references``)
+    and the float64 truth of ``group_norm_silu_param_grad_sums``, with ``assert_close_sum``."""
+    for name in ("dweight", "dbias"):
+        actual, wanted = grads[name], references[name]
+        assert (actual is None) == (wanted is None) == (name not in truth), name
+        if actual is None:
+            continue
+        assert actual.dtype == wanted.dtype and actual.shape == wanted.shape, name
+        true, scale, count = truth[name]
+        assert_close_sum(actual, wanted, terms=count, term_scale=scale, msg=f"{msg}{name} against the reference")
+        assert_close_sum(actual, true, terms=count, term_scale=scale, msg=f"{msg}{name} against float64 math")
