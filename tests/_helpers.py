@@ -4,7 +4,8 @@ as it does for ``conftest``).
 ``run_both`` compares a fast backend with the reference on the same inputs; ``same_layout`` and ``in_layout``
 handle memory layouts; ``ddpm_model_output`` builds DDPM model outputs with a predicted variance;
 ``group_norm_silu_param_grad_sums`` gives float64 dweight/dbias of GroupNorm+SiLU with the size of their
-terms, for ``diffkern.testing.assert_close_sum``.
+terms, for ``diffkern.testing.assert_close_sum``; ``check_large_mean_forward`` checks statistics that must not
+cancel.
 """
 
 from __future__ import annotations
@@ -102,3 +103,24 @@ def check_param_grads(grads: Dict[str, Optional[torch.Tensor]], references: Dict
         true, scale, count = truth[name]
         assert_close_sum(actual, wanted, terms=count, term_scale=scale, msg=f"{msg}{name} against the reference")
         assert_close_sum(actual, true, terms=count, term_scale=scale, msg=f"{msg}{name} against float64 math")
+
+
+def check_large_mean_forward(x3: torch.Tensor, num_groups: int, eps: float, y: torch.Tensor, mean: torch.Tensor,
+                             rstd: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                             bias: Optional[torch.Tensor] = None) -> None:
+    """GroupNorm+SiLU forward on input whose |mean| is ~1000 std (``x3`` ``[N, C, S]``).
+
+    sum(x^2)/M - mean^2 would lose the variance to cancellation in fp32 (about 6% error in rstd), so the
+    statistics are compared with the float64 statistics of the same input, and y with the float64 math at the
+    kernel's own statistics (against float64 statistics y would differ by the unavoidable rounding of a mean of
+    ~1000, about 3e-5 of the std), all within the table's tolerance for their dtype."""
+    n, c, s = x3.shape
+    grouped = x3.double().reshape(n, num_groups, -1)
+    assert_close(mean, grouped.mean(dim=2), msg="mean")
+    assert_close(rstd, torch.rsqrt(grouped.var(dim=2, unbiased=False) + eps), msg="rstd")
+    xhat = ((grouped - mean.double()[..., None]) * rstd.double()[..., None]).reshape(n, c, s)
+    if weight is not None:
+        xhat = xhat * weight.double()[None, :, None]
+    if bias is not None:
+        xhat = xhat + bias.double()[None, :, None]
+    assert_close(y, torch.nn.functional.silu(xhat), msg="y")
