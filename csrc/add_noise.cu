@@ -66,4 +66,6 @@ Tensor add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const
 
 }  // namespace diffkern
 
-STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("add_noise_cuda", TORCH_BOX(&diffkern::add_noise_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(diffkern, DIFFKERN_DISPATCH_KEY, m) {
+  m.impl("add_noise_cuda", TORCH_BOX(&diffkern::add_noise_cuda));
+}

@@ -5,6 +5,14 @@
 //
 // Nothing here includes ATen/c10 CUDA headers: the extension must build against any torch wheel, the CPU
 // one included, and load into it (its ops then register but are never dispatched to).
+//
+// Host emulation (DIFFKERN_HOST_EMULATION, never defined by the real build): CI machines have no GPU, so to
+// test the kernels' logic there (indexing, vector/scalar paths, shared-memory carving, warp reductions,
+// regime choice), tests/cuda_emulation compiles these same sources with a host C++ compiler, force-including
+// tests/cuda_emulation/host_cuda.h, which runs each CUDA thread as a CPU thread. Only the platform layer
+// differs under the macro (marked "Host emulation" below): stream, device guard, launch and its check, device
+// properties, the dynamic shared memory accessor, the device check of input tensors (CPU tensors stand in for
+// CUDA ones) and the dispatch key the kernels register under. Every kernel and host function is shared.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,6 +36,17 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+// The dispatch key of every STABLE_TORCH_LIBRARY_IMPL in csrc/: CUDA, or CPU for the host emulation (whose
+// kernels run on CPU tensors).
+#ifdef DIFFKERN_HOST_EMULATION
+#ifndef DIFFKERN_HOST_CUDA_H
+#error "DIFFKERN_HOST_EMULATION needs tests/cuda_emulation/host_cuda.h force-included (-include host_cuda.h)"
+#endif
+#define DIFFKERN_DISPATCH_KEY CPU
+#else
+#define DIFFKERN_DISPATCH_KEY CUDA
+#endif
+
 namespace diffkern {
 
 using torch::headeronly::ScalarType;
@@ -36,6 +55,13 @@ using torch::stable::Tensor;
 // ======================================================================================================
 // Platform: stream, device guard, launches and errors (host only).
 // ======================================================================================================
+
+struct DeviceProps {
+  int sm_count;
+  int max_smem_optin;  // bytes of dynamic shared memory one block may use after opting in
+};
+
+#ifndef DIFFKERN_HOST_EMULATION
 
 // The current CUDA stream of `device_index`, as torch sees it (so work orders correctly with torch's own
 // kernels, under torch.cuda.stream(...) and inside CUDA-graph capture).
@@ -100,11 +126,6 @@ inline void launch(const char* kernel_name, void (*kernel)(KernelArgs...), dim3 
   check_launch(kernel_name);
 }
 
-struct DeviceProps {
-  int sm_count;
-  int max_smem_optin;  // bytes of dynamic shared memory one block may use after opting in
-};
-
 // Queried once per device (attribute queries do not synchronise).
 inline DeviceProps device_props(int32_t device_index) {
   constexpr int kMaxDevices = 64;
@@ -125,6 +146,42 @@ inline DeviceProps device_props(int32_t device_index) {
   return DeviceProps{sms, optin};
 }
 
+#else  // DIFFKERN_HOST_EMULATION
+
+// Host emulation: no streams, no devices, no CUDA runtime. A launch runs the whole grid on CPU threads before it
+// returns (host_cuda.h's run_grid); a launch it refuses (block size, grid size, shared memory) is reported by
+// check_launch like a failed CUDA launch.
+inline cudaStream_t current_stream(int32_t /*device_index*/) { return nullptr; }
+
+struct DeviceGuard {
+  explicit DeviceGuard(int32_t /*device_index*/) {}
+};
+
+inline void check_launch(const char* kernel_name) {
+  const char* err = diffkern_emu::take_launch_error();
+  STD_TORCH_CHECK(err == nullptr, "diffkern: launching ", kernel_name, " failed (host emulation): ", err);
+}
+
+// The emulated device: DIFFKERN_EMU_SM_COUNT multiprocessors (default 4, so that small test shapes reach every
+// GroupNorm regime) and DIFFKERN_EMU_SMEM_OPTIN bytes of opt-in shared memory per block (default 227 KiB, an
+// H100's). Read at every call, so a test can change them between calls.
+inline DeviceProps device_props(int32_t /*device_index*/) {
+  return DeviceProps{diffkern_emu::env_int("DIFFKERN_EMU_SM_COUNT", 4),
+                     diffkern_emu::env_int("DIFFKERN_EMU_SMEM_OPTIN", 227 * 1024)};
+}
+
+template <typename... KernelArgs, typename... Args>
+inline void launch(const char* kernel_name, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                   size_t smem_bytes, cudaStream_t /*stream*/, Args&&... args) {
+  // Every emulated thread calls the kernel with the arguments as given: the same implicit conversions to the
+  // parameter types as kernel<<<...>>>(args...), and each thread gets its own copies of the parameters.
+  diffkern_emu::run_grid(grid, block, smem_bytes, static_cast<size_t>(device_props(-1).max_smem_optin),
+                         [&] { kernel(args...); });
+  check_launch(kernel_name);
+}
+
+#endif  // DIFFKERN_HOST_EMULATION
+
 // ======================================================================================================
 // Tensor checks and allocation (host only, stable ABI).
 // ======================================================================================================
@@ -142,7 +199,12 @@ inline const char* dtype_name(ScalarType t) {
 
 inline void check_cuda_tensor(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.defined(), "diffkern: ", name, " must be a defined tensor");
+#ifndef DIFFKERN_HOST_EMULATION
   STD_TORCH_CHECK(t.is_cuda(), "diffkern: ", name, " must be a CUDA tensor (the cuda backend runs on CUDA tensors)");
+#else
+  // Host emulation: the kernels read and write host memory, so CPU tensors stand in for CUDA tensors.
+  STD_TORCH_CHECK(t.is_cpu(), "diffkern: ", name, " must be a CPU tensor (host emulation of the cuda backend)");
+#endif
 }
 
 inline void check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
@@ -253,6 +315,17 @@ inline Tensor empty_float(const Tensor& like, std::initializer_list<int64_t> siz
 }
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The block's dynamic shared memory (the byte count given at launch), 16-byte aligned.
+#ifndef DIFFKERN_HOST_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char diffkern_dynamic_smem[];
+  return diffkern_dynamic_smem;
+}
+#else
+// Host emulation: the launch's buffer for the running block, refilled with 0xCD before each block.
+inline unsigned char* dynamic_smem() { return diffkern_emu::dynamic_shared_memory(); }
+#endif
 
 // ======================================================================================================
 // Element types and 16-byte vector access (device).

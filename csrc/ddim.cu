@@ -115,4 +115,6 @@ std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tens
 
 }  // namespace diffkern
 
-STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("ddim_step_cuda", TORCH_BOX(&diffkern::ddim_step_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(diffkern, DIFFKERN_DISPATCH_KEY, m) {
+  m.impl("ddim_step_cuda", TORCH_BOX(&diffkern::ddim_step_cuda));
+}

@@ -169,4 +169,6 @@ std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tens
 
 }  // namespace diffkern
 
-STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("ddpm_step_cuda", TORCH_BOX(&diffkern::ddpm_step_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(diffkern, DIFFKERN_DISPATCH_KEY, m) {
+  m.impl("ddpm_step_cuda", TORCH_BOX(&diffkern::ddpm_step_cuda));
+}

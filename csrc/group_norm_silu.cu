@@ -122,11 +122,6 @@ struct SmemCarver {
 
 inline size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-__device__ __forceinline__ unsigned char* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char diffkern_gn_smem[];
-  return diffkern_gn_smem;
-}
-
 // First index of slice k of K over [0, total): slices differ in size by at most one.
 __device__ __forceinline__ int64_t slice_begin(int64_t total, int k, int K) { return (total * k) / K; }
 
@@ -1089,7 +1084,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_bwd_cuda(const Tensor& grad_o
 
 }  // namespace diffkern
 
-STABLE_TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
+STABLE_TORCH_LIBRARY_IMPL(diffkern, DIFFKERN_DISPATCH_KEY, m) {
   m.impl("group_norm_silu_fwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_fwd_cuda));
   m.impl("group_norm_silu_bwd_cuda", TORCH_BOX(&diffkern::group_norm_silu_bwd_cuda));
 }

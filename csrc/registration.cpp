@@ -18,6 +18,8 @@
 //
 // Each op's CUDA kernel is registered next to its definition (STABLE_TORCH_LIBRARY_IMPL at the end of
 // add_noise.cu, ddim.cu, ddpm.cu and group_norm_silu.cu), so that its C++ signature is written only there.
+// Their dispatch key is DIFFKERN_DISPATCH_KEY: CUDA, or CPU in the host emulation of tests/cuda_emulation
+// (see common.cuh).
 #include <torch/csrc/stable/library.h>
 
 // A DEF library for the namespace: it coexists with the FRAGMENT libraries that torch.library.custom_op
