@@ -28,8 +28,10 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from diffkern.ops import _common as C
+from diffkern.ops.add_noise import add_noise_reference
 from diffkern.ops.ddim import ddim_step_reference
 from diffkern.ops.ddpm import ddpm_step_reference
+from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 
 PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
@@ -102,16 +104,13 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
 
+@C.float64_runs_reference(add_noise_reference, dtype_from=0)
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               timesteps: torch.Tensor) -> torch.Tensor:
-    if original_samples.dtype == torch.float64:
-        from diffkern.ops.add_noise import add_noise_reference
-
-        return add_noise_reference(original_samples, noise, alphas_cumprod, timesteps)
     return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, timesteps)
 
 
-@C.float64_runs_reference(ddim_step_reference)
+@C.float64_runs_reference(ddim_step_reference, dtype_from=1)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
               final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,
@@ -128,7 +127,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
     return _run_step(launch, noise if eta > 0 else None, **step_options)
 
 
-@C.float64_runs_reference(ddpm_step_reference)
+@C.float64_runs_reference(ddpm_step_reference, dtype_from=1)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
               variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,23 +169,17 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
+@C.float64_runs_reference(group_norm_silu_forward_reference, dtype_from=0)
 def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.dtype == torch.float64:
-        from diffkern.ops.group_norm_silu import group_norm_silu_forward_reference
-
-        return group_norm_silu_forward_reference(x, weight, bias, num_groups, eps)
     y, mean, rstd = _ops().group_norm_silu_fwd_cuda(x, _param(weight), _param(bias), num_groups, eps)
     return y, mean, rstd
 
 
+@C.float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)
 def group_norm_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int
                              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    if x.dtype == torch.float64:
-        from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference
-
-        return group_norm_silu_backward_reference(grad_out, x, weight, bias, mean, rstd, num_groups)
     if not _same_strides(grad_out, x):
         # The contract hands grad_out in x's strides; keep the kernels' invariant if a caller does not.
         grad_out = torch.empty_like(x).copy_(grad_out)

@@ -266,17 +266,17 @@ def check_generator(generator, noise) -> None:
         raise ValueError("pass either noise or generator, not both")
 
 
-def float64_runs_reference(reference: Callable) -> Callable[[Callable], Callable]:
-    """Decorator for a fast backend's step, called like ``reference`` as ``(model_output, sample, noise,
-    alphas_cumprod, timestep, prev_timestep, **options)`` with the tensors positional: float64 samples run
-    ``reference`` with the same arguments instead.
+def float64_runs_reference(reference: Callable, *, dtype_from: int) -> Callable[[Callable], Callable]:
+    """Decorator for a fast backend's op, called like ``reference`` with its tensors positional: when positional
+    argument ``dtype_from`` (the tensor whose dtype the op computes in: the sample of a step, x of GroupNorm) is
+    float64, ``reference`` runs with the same arguments instead.
 
     The kernels compute in fp32 by design; float64 is a checking dtype (gradcheck, 1e-10 tolerances) that the
     reference already computes in fp64."""
-    def decorate(fast_step: Callable) -> Callable:
-        @functools.wraps(fast_step)
-        def step(model_output: torch.Tensor, sample: torch.Tensor, *args, **options):
-            run = reference if sample.dtype == torch.float64 else fast_step
-            return run(model_output, sample, *args, **options)
-        return step
+    def decorate(fast_op: Callable) -> Callable:
+        @functools.wraps(fast_op)
+        def op(*args, **options):
+            run = reference if args[dtype_from].dtype == torch.float64 else fast_op
+            return run(*args, **options)
+        return op
     return decorate

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkern.ops._common import float64_runs_reference
 from diffkern.ops.add_noise import add_noise_reference
 from diffkern.triton import _common as K
 
@@ -29,14 +30,12 @@ def _add_noise_kernel(x0_ptr, noise_ptr, out_ptr, table_ptr, table_stride, num_t
     tl.store(out_ptr + element, noisy.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@float64_runs_reference(add_noise_reference, dtype_from=0)
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               timesteps: torch.Tensor) -> torch.Tensor:
     """``add_noise_reference``'s contract: ``original_samples`` and ``noise`` ``[B, ...]`` laid out alike
     (fp16/bf16/fp32; fp64 runs the reference), table float32 ``[T]``, timesteps int64 ``[1 or B]``.
     Returns x_t in the samples' dtype and layout."""
-    if original_samples.dtype == torch.float64:
-        # fp64 is a checking dtype that the reference already computes in fp64 (see _common's docstring).
-        return add_noise_reference(original_samples, noise, alphas_cumprod, timesteps)
     K.check_flat_layout(original_samples, noise)
     out = torch.empty_like(original_samples)
     if out.numel() == 0:

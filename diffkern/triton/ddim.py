@@ -71,7 +71,7 @@ def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     K.store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0)
 
 
-@C.float64_runs_reference(ddim_step_reference)
+@C.float64_runs_reference(ddim_step_reference, dtype_from=1)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
               final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,

@@ -95,7 +95,7 @@ def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     K.store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0)
 
 
-@C.float64_runs_reference(ddpm_step_reference)
+@C.float64_runs_reference(ddpm_step_reference, dtype_from=1)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
               variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:

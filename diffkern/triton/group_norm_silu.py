@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkern.ops._common import float64_runs_reference
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 
 # ----------------------------------------------------------------------------------------------------------
@@ -731,6 +732,7 @@ def _in_kernel_layout(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> T
     return t, channels_last
 
 
+@float64_runs_reference(group_norm_silu_forward_reference, dtype_from=0)
 def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(y, mean, rstd)``: y = silu(group_norm(x)) with x's shape, dtype and strides; mean and rstd
@@ -738,8 +740,6 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
 
     x: (N, C, S) fp16/bf16/fp32, NCHW or channels-last; weight, bias: [C] any float dtype, or None.
     """
-    if x.dtype == torch.float64:
-        return group_norm_silu_forward_reference(x, weight, bias, num_groups, eps)
     x, channels_last = _in_kernel_layout(x)
     n, c, s = x.shape
     plan = _plan_for(x, num_groups, channels_last, _FORWARD_TUNING)
@@ -767,6 +767,7 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
     return y, mean, rstd
 
 
+@float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)
 def group_norm_silu_backward(
         grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
         mean: torch.Tensor, rstd: torch.Tensor, num_groups: int
@@ -777,8 +778,6 @@ def group_norm_silu_backward(
     grad_out, x: (N, C, S) in the same layout (grad_out in any float dtype); mean, rstd: fp32 ``[N, G]`` from
     the forward.
     """
-    if x.dtype == torch.float64:
-        return group_norm_silu_backward_reference(grad_out, x, weight, bias, mean, rstd, num_groups)
     x, channels_last = _in_kernel_layout(x)
     grad_out, _ = _in_kernel_layout(grad_out, like=x)
     n, c, s = x.shape
