@@ -177,11 +177,16 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
 _resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs ``op`` for a request of ``backend`` on tensors of ``device``."""
+def check_backend_name(backend) -> str:
+    """``backend`` if it is a name a caller may ask for (``auto`` or one of ``BACKENDS``), else a ValueError."""
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    return _resolve(op, backend, device.type)
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` for a request of ``backend`` on tensors of ``device``."""
+    return _resolve(op, check_backend_name(backend), device.type)
 
 
 def last_backend(op: str) -> Optional[str]:

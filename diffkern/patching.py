@@ -82,9 +82,7 @@ def patch_groupnorm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    choices = ("auto",) + backends.BACKENDS
-    if not isinstance(backend, str) or backend not in choices:
-        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    backends.check_backend_name(backend)
     resnet_cls = _diffusers_class("diffusers.models.resnet", "ResnetBlock2D")
     owners = tuple(cls for cls in (_diffusers_class(*key) for key in _CONV_NORM_OUT_OWNERS) if cls is not None)
     patched = 0

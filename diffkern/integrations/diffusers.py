@@ -104,13 +104,6 @@ def _check_tensors(**tensors) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_backend(backend) -> str:
-    choices = ("auto",) + backends.BACKENDS
-    if not isinstance(backend, str) or backend not in choices:
-        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
-    return backend
-
-
 def _signature_with_backend(parent: type) -> inspect.Signature:
     """The parent's ``__init__`` signature plus a keyword-only ``backend``.
 
@@ -140,7 +133,7 @@ class _FusedSchedulerMixin:
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = _check_backend(value)
+        self._backend = backends.check_backend_name(value)
 
     def _abar(self, like: torch.Tensor) -> torch.Tensor:
         """``alphas_cumprod`` on ``like``'s device, in float32 (float64 for float64 samples, as the ops want),
