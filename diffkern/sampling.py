@@ -192,8 +192,7 @@ def _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_sc
         raise ValueError(f"eta applies to method='ddim' only; method='ddpm' got eta={eta}")
     if guidance_scale is not None:
         C.check_float("guidance_scale", guidance_scale)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    C.check_generator(generator, noise=None)
     C.check_bool("capture", capture)
     unknown = sorted(set(step_options) - set(STEP_OPTIONS[method]))
     if unknown:
