@@ -5,7 +5,8 @@ pipeline as the JIT path and setup.py, for sm_80 and sm_90 (+PTX of sm_90) into 
 (or ``$DIFFKERN_TEST_BUILD_DIR``),
 then loads the library in a subprocess (a library that fails inside torch's registration would take the
 test process with it) and checks the schemas, the embedded cubins and what the library links. Skipped
-only when there is no nvcc at all; on a CPU-only torch the ops register although no kernel can run.
+only when there is no nvcc at all (the cubin listing also without a cuobjdump, the link check without
+readelf); on a CPU-only torch the ops register although no kernel can run.
 """
 
 import os
@@ -67,7 +68,11 @@ def test_op_is_registered_with_a_cuda_kernel(probe, op):
 def test_cubins_for_requested_archs(built):
     result, _ = built
     cuobjdump = _extension.find_cuobjdump()
-    assert cuobjdump, "no cuobjdump (from the CUDA toolkit, PATH, or the triton wheel) to list the cubins with"
+    if cuobjdump is None:
+        # The test extra installs triton, whose Linux wheel carries a cuobjdump; a CUDA toolkit may not (the
+        # nvcc-only toolkits of CI images, for one). .ci/run checks that one is found, so CI cannot skip this.
+        pytest.skip("no cuobjdump to list the cubins with: none in $CUDA_HOME/bin, on PATH, in /usr/local/cuda/bin "
+                    "or in the triton wheel (pip install triton, or a full CUDA toolkit)")
     images = _extension.cuda_images(result.library, cuobjdump)
     assert images == {"elf": EXPECTED_ELF, "ptx": EXPECTED_PTX}
     assert result.info["archs"] == EXPECTED_ELF and result.info["ptx"] == EXPECTED_PTX

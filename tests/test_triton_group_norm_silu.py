@@ -397,6 +397,41 @@ def test_plan_tiles_and_chunks_cover_each_group_once(tgn, gen, draw):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Triton versions.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,block_r", [(37, 8), (5, 16), (16, 16)], ids=str)
+def test_row_sum_loops_over_a_runtime_bound(tgn, gen, rows, block_r):
+    """The dweight/dbias row sum, alone: ``for row0 in range(0, R, BLOCK_R)`` with R a kernel argument, the
+    loop form of every looped and split kernel. Under Triton 3.6's interpreter with NumPy >= 2.4 that loop
+    raised ``TypeError('only 0-dimensional arrays can be converted to Python scalars')`` (see the module
+    docstring). Small integers sum exactly in fp32 in any order, so the result must be exact."""
+    planes, channels, block_c = 2, 19, 16
+    part = torch.randint(-1000, 1001, (planes, rows, channels), generator=gen).to(device=DEVICE,
+                                                                                  dtype=torch.float32)
+    dw = torch.full((channels,), float("nan"), device=DEVICE)
+    db = torch.full((channels,), float("nan"), device=DEVICE)
+    tgn._sum_partial_rows_kernel[(triton_cdiv(channels, block_c), planes)](
+        part, dw, db, rows, channels, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_R=block_r, BLOCK_C=block_c)
+    expected = part.double().sum(dim=1).float()
+    assert torch.equal(dw, expected[0]) and torch.equal(db, expected[1])
+
+
+def test_interpreter_fix_only_on_triton_3_6(tgn):
+    """The interpreter fix is installed on Triton 3.6 and nowhere else: later Tritons are left untouched."""
+    import triton
+    from triton.runtime import interpreter
+
+    installed = getattr(interpreter._patch_lang_tensor, "diffkern_index_fix", False)
+    assert installed == (tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GPU only.
 # ----------------------------------------------------------------------------------------------------------
 
