@@ -10,6 +10,8 @@
 //   - __global__, __device__, __host__, __forceinline__, __launch_bounds__: erased (plain inline functions).
 //   - A launch: synchronous. The grid's blocks run one after another, each on one std::thread per CUDA thread,
 //     all of a block's threads concurrently (threads are created once per launch and reused by every block).
+//     Launches from several host threads run one at a time: the grid state (gridDim, blockDim, the running
+//     block, static __shared__ storage) is process-wide, as one GPU's would be for one kernel at a time.
 //   - threadIdx (per thread), blockIdx, blockDim, gridDim: as in CUDA.
 //   - __syncthreads(): a barrier over the block's threads. A thread that returns from the kernel leaves every
 //     barrier, as an exited thread stops counting on the hardware.
@@ -53,6 +55,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -125,6 +128,10 @@ inline const char* launch_config_error(dim3 grid, dim3 block, size_t smem_bytes,
   return nullptr;
 }
 
+// Held by each run_grid: one grid at a time in the process. At namespace scope, not a static of run_grid, which
+// would be one mutex per instantiation (per kernel).
+inline std::mutex one_grid_at_a_time;
+
 // Runs body() (one thread's kernel call) for every thread of every block of the grid; returns when all are done.
 template <typename Body>
 inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, size_t smem_limit, const Body& body) {
@@ -132,6 +139,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, size_t smem_limit
     launch_error = err;
     return;
   }
+  const std::lock_guard<std::mutex> lock(one_grid_at_a_time);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   std::vector<unsigned char> smem(smem_bytes + 16);

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import os
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -355,8 +356,39 @@ class emulated_device:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def thread_cases(quick: bool) -> List[Case]:
+    """Several host threads calling the library at once (a GPU program's threads share one device too): each
+    result must equal that of the same call made alone."""
+    from diffkern import _cuda_ops as K
+
+    def run(gen):
+        draw = Draw(gen)
+        calls = []
+        for i in range(6):
+            if i % 2:
+                calls.append((K.add_noise, (draw(2, 4, 8, 8), draw(2, 4, 8, 8), TABLE, torch.tensor([3, 700]))))
+            else:  # (N, C, S), as the backend contract hands GroupNorm its input
+                calls.append((lambda *a: K.group_norm_silu_forward(*a)[0], (draw(2, 4, 64), draw(4), draw(4), 2, EPS)))
+        alone = [fn(*args) for fn, args in calls]
+        together = [None] * len(calls)
+
+        def worker(i):
+            fn, args = calls[i]
+            together[i] = fn(*args)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (got, want) in enumerate(zip(together, alone)):
+            if got is None or not torch.equal(got, want):
+                raise AssertionError(f"call {i} made from a thread differs from the same call made alone")
+    return [("threads: concurrent calls from 6 host threads", run)]
+
+
 def all_cases(quick: bool) -> List[Case]:
-    return add_noise_cases(quick) + ddim_cases(quick) + ddpm_cases(quick) + gn_cases(quick)
+    return add_noise_cases(quick) + ddim_cases(quick) + ddpm_cases(quick) + gn_cases(quick) + thread_cases(quick)
 
 
 def main(argv=None) -> int:
