@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import threading
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -79,7 +80,8 @@ class BackendStatus(NamedTuple):
 _status_cache: Dict[Tuple[str, str], BackendStatus] = {}
 _impl_cache: Dict[Tuple[str, str], Callable] = {}
 _fallbacks_logged: set = set()
-_last_used: Dict[str, str] = {}
+# Per thread: two threads calling ops at once each see the backend of their own last call.
+_last_used = threading.local()
 
 
 def _triton_status(device_type: str) -> BackendStatus:
@@ -165,7 +167,7 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
             skipped = ", ".join(f"{name}: {backend_status(name, device_type).reason}"
                                 for name in preference[: preference.index(chosen)])
             logger.warning("diffkern: %s runs on the %s backend (%s)", op, chosen, skipped)
-    _last_used[op] = chosen
+    _last_used_by_op()[op] = chosen
     return chosen
 
 
@@ -190,8 +192,15 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 
 def last_backend(op: str) -> Optional[str]:
-    """The backend the last call of ``op`` resolved to (tests use it to assert what ran)."""
-    return _last_used.get(op)
+    """The backend the last call of ``op`` in this thread resolved to (tests use it to assert what ran)."""
+    return _last_used_by_op().get(op)
+
+
+def _last_used_by_op() -> Dict[str, str]:
+    by_op = getattr(_last_used, "by_op", None)
+    if by_op is None:
+        by_op = _last_used.by_op = {}
+    return by_op
 
 
 def implementation(backend: str, name: str) -> Callable:

@@ -8,6 +8,7 @@ on the sampling device (``NoiseSchedule.table(device)``) so that no step copies 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict
 
 import torch
@@ -59,8 +60,11 @@ def make_betas(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
-    if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
-        raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start!r} and {beta_end!r}")
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
     n = num_train_timesteps
     if schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
@@ -77,9 +81,17 @@ def make_betas(
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """abar_t = prod_{s <= t} (1 - beta_s), in the dtype of ``betas`` (float64 from :func:`make_betas`)."""
-    if not isinstance(betas, torch.Tensor) or betas.ndim != 1 or not betas.is_floating_point():
-        raise TypeError("betas must be a 1-D floating-point tensor")
+    _check_betas(betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _check_betas(betas) -> None:
+    if not isinstance(betas, torch.Tensor) or betas.ndim != 1 or not betas.is_floating_point():
+        got = f"{betas.dtype} tensor of shape {tuple(betas.shape)}" if isinstance(betas, torch.Tensor) \
+            else type(betas).__name__
+        raise TypeError(f"betas must be a 1-D floating-point tensor, got {got}")
+    if betas.numel() == 0 or not bool(((betas >= 0) & (betas <= 1)).all()):
+        raise ValueError("betas must be non-empty with every value in [0, 1]")
 
 
 class NoiseSchedule:
@@ -90,6 +102,7 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas: torch.Tensor):
+        _check_betas(betas)
         self.betas = betas.double().cpu()
         self.alphas_cumprod = alphas_cumprod(self.betas)
         self._tables: Dict[torch.device, torch.Tensor] = {}

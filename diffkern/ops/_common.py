@@ -11,13 +11,20 @@ the same normalised arguments (the backend contract):
 - timesteps: int64 ``[1]`` (shared by the batch) or ``[B]`` (per sample) on the samples' device. Python ints
   become a one-element tensor with ``torch.full`` (a fill kernel: no host-to-device copy, so no sync).
   Device tensors are not range-checked (that would sync); kernels clamp indices into the table.
+
+What is checked where: everything about shapes, dtypes, devices and options always; values wherever they are on
+the host (python numbers, CPU timesteps, a CPU ``alphas_cumprod`` table and abar at host timesteps); nothing on a
+device tensor, ever.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+import numbers
+import weakref
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,7 +84,11 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_table(alphas_cumprod, device: torch.device) -> int:
-    """Validates the abar table; returns its length T."""
+    """Validates the abar table; returns its length T.
+
+    A table on the CPU also has its values checked (every entry finite and in [0, 1]), once per table and
+    version: later calls with the same unmodified tensor are a dictionary lookup. A table on the device is not
+    read (that would sync); its values are the caller's responsibility."""
     if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.is_floating_point():
         raise TypeError("alphas_cumprod must be a floating-point tensor")
     if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() == 0:
@@ -85,7 +96,65 @@ def check_table(alphas_cumprod, device: torch.device) -> int:
     if alphas_cumprod.device.type != "cpu" and alphas_cumprod.device != device:
         raise ValueError(f"alphas_cumprod must be on the CPU or on the samples' device {device}, "
                          f"got {alphas_cumprod.device}")
+    if alphas_cumprod.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_table_values(alphas_cumprod)
     return alphas_cumprod.numel()
+
+
+# id(table) -> (weak reference, version) of the CPU tables whose values passed the check.
+_checked_tables: Dict[int, Tuple[weakref.ref, int]] = {}
+
+
+def _check_table_values(table: torch.Tensor) -> None:
+    key = id(table)
+    seen = _checked_tables.get(key)
+    if seen is not None and seen[0]() is table and seen[1] == table._version:
+        return
+    bad = ~(torch.isfinite(table) & (table >= 0) & (table <= 1))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(f"alphas_cumprod must hold finite values in [0, 1] (cumulative products of 1 - beta), "
+                         f"got alphas_cumprod[{index}] = {float(table[index])}")
+    _checked_tables[key] = (weakref.ref(table, lambda _: _checked_tables.pop(key, None)), table._version)
+
+
+def check_abar_at_timesteps(alphas_cumprod: torch.Tensor, timestep: "TimestepLike",
+                            prev_timestep: Optional["TimestepLike"], prediction_type: str) -> None:
+    """The values a step divides by, where both the table and the timesteps are on the host (else nothing is
+    read): 1 - abar_t (both steps), abar_prev for prev_timestep >= 0 (DDIM's a / a', DDPM's alpha_t) and, for
+    epsilon prediction, sqrt(abar_t). A zero there gives inf/NaN in every backend and in diffusers alike.
+    ``prev_timestep=None`` means ``timestep - 1`` (DDPM's default)."""
+    if alphas_cumprod.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    t = _host_index(timestep)
+    if t is None:
+        return
+    a = alphas_cumprod[t.clamp(0, alphas_cumprod.numel() - 1)]
+    if bool((a >= 1).any()):
+        raise ValueError(f"alphas_cumprod is 1 at timestep {_first(t, a >= 1)}: the step divides by 1 - abar_t")
+    if prediction_type == "epsilon" and bool((a <= 0).any()):
+        raise ValueError(f"alphas_cumprod is 0 at timestep {_first(t, a <= 0)}: epsilon prediction divides by "
+                         "sqrt(abar_t) (a zero-terminal-SNR schedule needs prediction_type='v_prediction')")
+    prev = t - 1 if prev_timestep is None else _host_index(prev_timestep)
+    if prev is not None:
+        a_prev = alphas_cumprod[prev.clamp(0, alphas_cumprod.numel() - 1)]
+        zero = (prev >= 0) & (a_prev <= 0)
+        if bool(zero.any()):
+            raise ValueError(f"alphas_cumprod is 0 at prev_timestep {_first(prev, zero)}: the step divides by "
+                             "abar_prev")
+
+
+def _host_index(timesteps) -> Optional[torch.Tensor]:
+    """int64 CPU indices of host timesteps (validated ints or CPU tensors), None for a device tensor."""
+    if isinstance(timesteps, int):
+        return torch.tensor([timesteps])
+    if timesteps.device.type != "cpu":
+        return None
+    return timesteps.reshape(-1).to(torch.int64)
+
+
+def _first(values: torch.Tensor, where: torch.Tensor) -> int:
+    return int(values[where.nonzero()[0, 0]]) if values.numel() > 1 else int(values[0])
 
 
 def prepare_table(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -95,19 +164,21 @@ def prepare_table(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> torch.T
     return alphas_cumprod.to(device=sample.device, dtype=dtype)
 
 
-def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, *,
-                    allow_negative: bool = False) -> None:
-    """int, 0-d tensor or ``[batch]`` integer tensor, inside ``[0, T)`` (negative allowed for previous
-    timesteps, meaning "before the first step"). Only CPU values are range-checked: reading a device
-    tensor would force a host sync."""
+def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, device: torch.device, *,
+                    allow_negative: bool = False) -> TimestepLike:
+    """An int (numpy integers included), a 0-d tensor or a ``[batch]`` integer tensor on the CPU or on
+    ``device``, inside ``[0, T)`` (negative allowed for previous timesteps, meaning "before the first step").
+    Returns it with integers as Python ints. Only host values are range-checked (compared in int64, so int8 and
+    unsigned dtypes neither wrap nor fail): reading a device tensor would force a host sync."""
     low = "any negative value or 0" if allow_negative else "0"
     if isinstance(timesteps, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got bool")
-    if isinstance(timesteps, int):
+    if isinstance(timesteps, numbers.Integral):
+        timesteps = int(timesteps)
         if timesteps >= num_train_timesteps or (timesteps < 0 and not allow_negative):
             raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}] "
                              f"(alphas_cumprod has {num_train_timesteps} entries), got {timesteps}")
-        return
+        return timesteps
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(timesteps).__name__}")
     if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
@@ -115,12 +186,16 @@ def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, 
     if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.numel() not in (1, batch)):
         raise ValueError(f"{name} must be 0-d or have shape [1] or [{batch}] (one per sample), "
                          f"got shape {tuple(timesteps.shape)}")
+    if timesteps.device.type != "cpu" and timesteps.device != device:
+        raise ValueError(f"{name} must be on the CPU or on the samples' device {device}, got {timesteps.device}")
     if timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
-        high_bad = bool((timesteps >= num_train_timesteps).any())
-        low_bad = (not allow_negative) and bool((timesteps < 0).any())
+        values = timesteps.to(torch.int64)
+        high_bad = bool((values >= num_train_timesteps).any())
+        low_bad = (not allow_negative) and bool((values < 0).any())
         if high_bad or low_bad:
             raise ValueError(f"{name} must lie in [{low}, {num_train_timesteps - 1}] "
-                             f"(alphas_cumprod has {num_train_timesteps} entries), got {timesteps.tolist()}")
+                             f"(alphas_cumprod has {num_train_timesteps} entries), got {values.tolist()}")
+    return timesteps
 
 
 def prepare_timesteps(timesteps: TimestepLike, device: torch.device) -> torch.Tensor:
@@ -145,13 +220,25 @@ def is_batch_outer_dense(t: torch.Tensor) -> bool:
     return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def same_layout(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
-    """Returns the tensors laid out alike and batch-outer dense (see the module docstring).
-
-    The common case (all contiguous, or all channels_last) passes through without a copy."""
+def laid_out_alike(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Every tensor batch-outer dense, and the strides equal on every non-batch dimension longer than 1 in both
+    tensors compared: then element i of sample b sits at the same flat offset in each. A size-1 dimension's stride
+    never moves an element (a channels_last tensor with one channel has strides (HW, 1, W, 1), its contiguous twin
+    (HW, HW, W, 1)), nor does the batch stride of a tensor with another batch size (the 2B-sample model output
+    with guidance)."""
     present = [t for t in tensors if t is not None]
     first = present[0]
-    if is_batch_outer_dense(first) and all(t.stride() == first.stride() for t in present[1:]):
+    if not all(is_batch_outer_dense(t) for t in present):
+        return False
+    return all(first.shape[d] == 1 or t.shape[d] == 1 or first.stride(d) == t.stride(d)
+               for t in present[1:] for d in range(1, t.ndim))
+
+
+def same_layout(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Returns the tensors laid out alike and batch-outer dense (see ``laid_out_alike``).
+
+    The common case (all contiguous, or all channels_last) passes through without a copy."""
+    if laid_out_alike(tensors):
         return tuple(tensors)
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
@@ -225,7 +312,11 @@ def threshold_scale_from_abs(abs_x0: torch.Tensor, ratio: float, sample_max_valu
 def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Per-sample s = clamp(quantile(|x0|, ratio), 1, sample_max_value), ``[B]`` in float32 (float64 for
     float64 x0), from x0 ``[B, ...]`` (see ``threshold_scale_from_abs``)."""
-    flat = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32)).abs()
+    compute = torch.promote_types(x0.dtype, torch.float32)
+    if x0.numel() == 0:
+        # No sample, or samples of no element: nothing to select from, and nothing the scale could change.
+        return torch.ones(x0.shape[0], dtype=compute, device=x0.device)
+    flat = x0.reshape(x0.shape[0], -1).to(compute).abs()
     return threshold_scale_from_abs(flat, ratio, sample_max_value)
 
 
@@ -247,16 +338,36 @@ def draw_noise(shape, dtype: torch.dtype, device: torch.device, generator: Optio
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+class X0Options(NamedTuple):
+    """How x0 is post-processed, as the custom ops take it: the values of options that do not apply are
+    neutral placeholders, so that an unused option is neither validated nor seen by a kernel."""
+    clip_sample: bool
+    clip_sample_range: float
+    thresholding: bool
+    dynamic_thresholding_ratio: float
+    sample_max_value: float
+
+
 def check_step_options(*, prediction_type, clip_sample, clip_sample_range, thresholding,
-                       dynamic_thresholding_ratio, sample_max_value, guidance_scale) -> None:
+                       dynamic_thresholding_ratio, sample_max_value, guidance_scale) -> X0Options:
+    """Validates the options a step uses, as diffusers reads its config: thresholding wins over clipping, and an
+    option of a disabled mode is ignored whatever its value (diffusers' own configs carry such values).
+
+    ``sample_max_value`` may be below 1: the scale is then ``clamp(s, 1, sample_max_value) = sample_max_value``
+    (the upper bound wins when the bounds cross, in torch as in diffusers' tests)."""
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_bool("clip_sample", clip_sample)
-    check_float("clip_sample_range", clip_sample_range, low=0.0, low_inclusive=False)
     check_bool("thresholding", thresholding)
-    check_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0)
-    check_float("sample_max_value", sample_max_value, low=1.0)
     if guidance_scale is not None:
         check_float("guidance_scale", guidance_scale)
+    if thresholding:
+        ratio = check_float("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0.0, high=1.0)
+        max_value = check_float("sample_max_value", sample_max_value, low=0.0, low_inclusive=False)
+        return X0Options(False, 1.0, True, ratio, max_value)
+    if clip_sample:
+        clip_range = check_float("clip_sample_range", clip_sample_range, low=0.0)
+        return X0Options(True, clip_range, False, 0.995, 1.0)
+    return X0Options(False, 1.0, False, 0.995, 1.0)
 
 
 def check_generator(generator, noise) -> None:
@@ -280,3 +391,39 @@ def float64_runs_reference(reference: Callable, *, dtype_from: int) -> Callable[
             return run(*args, **options)
         return op
     return decorate
+
+
+def register_step_autograd(op, reference: Callable) -> None:
+    """Autograd for a step's custom op (``ddim_step``, ``ddpm_step``): gradients of ``(prev_sample,
+    pred_original_sample)`` with respect to ``model_output``, ``sample`` and ``noise``, whichever backend ran the
+    forward.
+
+    The op's inputs are ``(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *options,
+    backend)`` with the options in the order of ``reference``'s keyword-only parameters. The backward is the
+    vector-Jacobian product of ``reference`` (``torch.func.vjp``): every path of the step (guidance, each
+    prediction type, clipping, dynamic thresholding through its per-sample quantile, the variance types) is
+    differentiated by the same formula that defines its forward, and no second formula can drift from it. It
+    recomputes the step once in the backward pass; the steps are a few elementwise passes, so that costs what the
+    forward costs."""
+    option_names = [name for name, p in inspect.signature(reference).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def setup_context(ctx, inputs, output):
+        model_output, sample, noise, alphas_cumprod, timestep, prev_timestep = inputs[:6]
+        ctx.save_for_backward(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep)
+        ctx.options = dict(zip(option_names, inputs[6:6 + len(option_names)]))
+
+    def backward(ctx, grad_prev, grad_x0):
+        model_output, sample, noise, alphas_cumprod, timestep, prev_timestep = ctx.saved_tensors
+        with_noise = noise is not None
+
+        def step(model_output, sample, *maybe_noise):
+            return reference(model_output, sample, maybe_noise[0] if with_noise else None, alphas_cumprod,
+                             timestep, prev_timestep, **ctx.options)
+
+        _, vjp = torch.func.vjp(step, model_output, sample, *((noise,) if with_noise else ()))
+        grads = vjp((grad_prev, grad_x0))
+        grad_noise = grads[2] if with_noise else None
+        return (grads[0], grads[1], grad_noise) + (None,) * (3 + len(option_names) + 1)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -36,6 +36,25 @@ def _(original_samples, noise, alphas_cumprod, timesteps, backend):
     return torch.empty_like(original_samples)
 
 
+def _add_noise_setup_context(ctx, inputs, output):
+    _, _, alphas_cumprod, timesteps, _ = inputs
+    ctx.save_for_backward(alphas_cumprod, timesteps)
+
+
+def _add_noise_backward(ctx, grad):
+    """d x_t / d x_0 = sqrt(abar_t), d x_t / d noise = sqrt(1 - abar_t), per sample, in the forward's precision."""
+    alphas_cumprod, timesteps = ctx.saved_tensors
+    compute = torch.promote_types(grad.dtype, torch.float32)
+    abar = C.per_sample(C.gather_abar(alphas_cumprod, timesteps), grad.ndim).to(compute)
+    grad_compute = grad.to(compute)
+    grad_x0 = (abar ** 0.5 * grad_compute).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_noise = ((1 - abar) ** 0.5 * grad_compute).to(grad.dtype) if ctx.needs_input_grad[1] else None
+    return grad_x0, grad_noise, None, None, None
+
+
+_add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup_context)
+
+
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.TimestepLike,
               alphas_cumprod: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Noise clean samples to timestep ``timesteps``: sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise.
@@ -53,9 +72,9 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     """
     C.check_tensor("original_samples", original_samples)
     C.check_like("noise", noise, "original_samples", original_samples)
-    num_train = C.check_table(alphas_cumprod, original_samples.device)
-    C.check_timesteps("timesteps", timesteps, original_samples.shape[0], num_train)
     device = original_samples.device
+    num_train = C.check_table(alphas_cumprod, device)
+    timesteps = C.check_timesteps("timesteps", timesteps, original_samples.shape[0], num_train, device)
     chosen = backends.resolve("add_noise", backend, device)
     x0, eps = C.same_layout([original_samples, noise])
     return _add_noise_op(x0, eps, C.prepare_table(alphas_cumprod, x0),

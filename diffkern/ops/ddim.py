@@ -78,6 +78,9 @@ def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *arg
     return torch.empty_like(sample), torch.empty_like(sample)
 
 
+C.register_step_autograd(_ddim_step_op, ddim_step_reference)
+
+
 def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torch.Tensor,
               alphas_cumprod: torch.Tensor, *, prev_timestep: C.TimestepLike, eta: float = 0.0,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
@@ -110,20 +113,22 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     batch = sample.shape[0]
     out_batch = 2 * batch if guidance_scale is not None else batch
     C.check_like("model_output", model_output, "sample", sample, (out_batch,) + tuple(sample.shape[1:]))
-    num_train = C.check_table(alphas_cumprod, sample.device)
-    C.check_timesteps("timestep", timestep, batch, num_train)
-    C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, allow_negative=True)
+    device = sample.device
+    num_train = C.check_table(alphas_cumprod, device)
+    timestep = C.check_timesteps("timestep", timestep, batch, num_train, device)
+    prev_timestep = C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, device, allow_negative=True)
     eta = C.check_float("eta", eta, low=0.0)
-    C.check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0, low_inclusive=False)
+    final_alpha_cumprod = C.check_float("final_alpha_cumprod", final_alpha_cumprod, low=0.0, high=1.0,
+                                        low_inclusive=False)
     C.check_bool("use_clipped_model_output", use_clipped_model_output)
-    C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
-                         clip_sample_range=clip_sample_range, thresholding=thresholding,
-                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                         sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    x0_options = C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
+                                      clip_sample_range=clip_sample_range, thresholding=thresholding,
+                                      dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                      sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    C.check_abar_at_timesteps(alphas_cumprod, timestep, prev_timestep, prediction_type)
     C.check_generator(generator, noise)
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
-    device = sample.device
     chosen = backends.resolve("ddim_step", backend, device)
     if eta > 0 and noise is None:
         noise = C.draw_noise(sample.shape, model_output.dtype, device, generator)
@@ -133,7 +138,6 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     prev, x0 = _ddim_step_op(
         model_output, sample, noise, C.prepare_table(alphas_cumprod, sample),
         C.prepare_timesteps(timestep, device), C.prepare_timesteps(prev_timestep, device),
-        float(final_alpha_cumprod), eta, prediction_type, clip_sample, float(clip_sample_range), thresholding,
-        float(dynamic_thresholding_ratio), float(sample_max_value), use_clipped_model_output,
+        final_alpha_cumprod, eta, prediction_type, *x0_options, use_clipped_model_output,
         None if guidance_scale is None else float(guidance_scale), chosen)
     return StepOutput(prev, x0)

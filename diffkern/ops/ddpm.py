@@ -95,6 +95,9 @@ def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *arg
     return torch.empty_like(sample), torch.empty_like(sample)
 
 
+C.register_step_autograd(_ddpm_step_op, ddpm_step_reference)
+
+
 def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torch.Tensor,
               alphas_cumprod: torch.Tensor, *, prev_timestep: Optional[C.TimestepLike] = None,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
@@ -130,18 +133,20 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     out_shape = ((2 * batch if guidance_scale is not None else batch), (2 * channels if learned else channels)) \
         + tuple(sample.shape[2:])
     C.check_like("model_output", model_output, "sample", sample, out_shape)
-    num_train = C.check_table(alphas_cumprod, sample.device)
-    C.check_timesteps("timestep", timestep, batch, num_train)
+    device = sample.device
+    num_train = C.check_table(alphas_cumprod, device)
+    timestep = C.check_timesteps("timestep", timestep, batch, num_train, device)
     if prev_timestep is not None:
-        C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, allow_negative=True)
-    C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
-                         clip_sample_range=clip_sample_range, thresholding=thresholding,
-                         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                         sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+        prev_timestep = C.check_timesteps("prev_timestep", prev_timestep, batch, num_train, device,
+                                          allow_negative=True)
+    x0_options = C.check_step_options(prediction_type=prediction_type, clip_sample=clip_sample,
+                                      clip_sample_range=clip_sample_range, thresholding=thresholding,
+                                      dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                      sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    C.check_abar_at_timesteps(alphas_cumprod, timestep, prev_timestep, prediction_type)
     C.check_generator(generator, noise)
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
-    device = sample.device
     chosen = backends.resolve("ddpm_step", backend, device)
     t = C.prepare_timesteps(timestep, device)
     prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, device)
@@ -153,8 +158,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         else C.same_layout(tensors)
     prev, x0 = _ddpm_step_op(
         model_output, sample, noise, C.prepare_table(alphas_cumprod, sample), t, prev_t, variance_type,
-        prediction_type, clip_sample, float(clip_sample_range), thresholding, float(dynamic_thresholding_ratio),
-        float(sample_max_value), None if guidance_scale is None else float(guidance_scale), chosen)
+        prediction_type, *x0_options, None if guidance_scale is None else float(guidance_scale), chosen)
     return StepOutput(prev, x0)
 
 

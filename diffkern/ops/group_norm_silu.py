@@ -202,12 +202,14 @@ class GroupNormSiLU(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, backend: str = "auto"):
+        _check_module_args(num_groups, num_channels, backend)
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.backend = backend
 
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, *, backend: str = "auto") -> "GroupNormSiLU":
         """A fused module sharing ``norm``'s parameters (no copy)."""
+        _check_module_args(norm.num_groups, norm.num_channels, backend)
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.num_groups, fused.num_channels, fused.eps, fused.affine = \
@@ -221,3 +223,15 @@ class GroupNormSiLU(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+def _check_module_args(num_groups, num_channels, backend) -> None:
+    """The constructor's checks, so that a bad module fails where it is built, not at its first forward."""
+    for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+    if num_channels % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+    backends.check_backend_name(backend)

@@ -73,11 +73,11 @@ def device_guard(t: torch.Tensor):
 
 def check_flat_layout(*tensors: Optional[torch.Tensor]) -> None:
     """Host-side check (metadata only, no sync) that the tensors follow the flat-buffer contract above."""
-    present = [t for t in tensors if t is not None]
-    first = present[0]
-    if not C.is_batch_outer_dense(first) or any(t.stride() != first.stride() for t in present[1:]):
-        raise ValueError("Triton step kernels need batch-outer dense tensors with identical strides, got strides "
-                         f"{[t.stride() for t in present]} for shapes {[tuple(t.shape) for t in present]}")
+    if not C.laid_out_alike(tensors):
+        present = [t for t in tensors if t is not None]
+        raise ValueError("Triton step kernels need batch-outer dense tensors laid out alike (equal strides on "
+                         f"every dimension longer than 1), got strides {[t.stride() for t in present]} for shapes "
+                         f"{[tuple(t.shape) for t in present]}")
 
 
 def index_stride(t: torch.Tensor) -> int:
