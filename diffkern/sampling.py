@@ -2,9 +2,20 @@
 
 :func:`sample` runs, for ``i = 0 .. n-1`` over a strictly descending timestep tensor ``ts`` of length n::
 
-    t, t_prev = ts[i], (ts[i + 1] if i + 1 < n else -1)
+    t, t_prev = ts[i], prev_ts[i]
     out       = model_fn(x, t)                       # model_fn(cat([x, x]), t) with guidance_scale
     x         = ddim_step / ddpm_step(out, t, x, prev_timestep=t_prev, ...).prev_sample
+
+The previous timesteps ``prev_ts`` are those of the diffusers scheduler whose loop this replaces, unless given:
+
+- DDIM (``DDIMScheduler.step``): ``t - T // n`` for every entry, with T the table's length (the training
+  timesteps) and n = len(ts). For "leading" spacing that is the next entry; for "trailing" and "linspace" it is
+  not, and diffusers steps there all the same, so this does too. A negative value means "past the last step"
+  (abar_prev = ``final_alpha_cumprod``).
+- DDPM (``DDPMScheduler.previous_timestep``): the next entry, -1 after the last.
+
+Pass ``prev_timesteps`` to step elsewhere, e.g. ``torch.cat([ts[1:], ts.new_tensor([-1])])`` for DDIM to the next
+scheduled timestep.
 
 Everything the loop indexes (the timesteps, their successors, the abar table) is moved to the samples'
 device once, before the first step; each step then picks its timestep with a device-side index, so the host never
@@ -44,7 +55,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
            method: str = "ddim", eta: float = 0.0, guidance_scale: Optional[float] = None,
            generator: Optional[torch.Generator] = None, capture: bool = False, backend: str = "auto",
-           **step_options) -> torch.Tensor:
+           prev_timesteps: Optional[torch.Tensor] = None, **step_options) -> torch.Tensor:
     """Denoise ``x_T`` along ``timesteps`` with DDIM or DDPM steps; returns the final sample x_0.
 
     Args:
@@ -72,6 +83,8 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
             in a device counter that the graph advances, and replayed n times; ``model_fn`` must be capturable
             (no host syncs, no CPU tensors, no data-dependent Python control flow). See the notes below.
         backend: ``auto``, ``reference``, ``triton`` or ``cuda`` for the step ops.
+        prev_timesteps: the timestep each step goes to, a 1-D integer tensor like ``timesteps`` (negative: past
+            the last step). Default: the rule of the diffusers scheduler of ``method`` (module docstring).
         **step_options: passed to the step: DDIM ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
             ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``, ``use_clipped_model_output``,
             ``final_alpha_cumprod``; DDPM ``variance_type`` and the same x0 options. Defaults are the ops'.
@@ -94,12 +107,16 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
     it); the replays do not.
     """
     _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
-              step_options)
+              prev_timesteps, step_options)
     device = x_T.device
     table = C.prepare_table(alphas_cumprod, x_T)
     ts = timesteps.to(device=device, dtype=torch.int64)
-    # Successor of each entry, -1 after the last: "past the first step" for both step ops.
-    prevs = torch.cat([ts[1:], ts.new_full((1,), -1)])
+    if prev_timesteps is not None:
+        prevs = prev_timesteps.to(device=device, dtype=torch.int64)
+    elif method == "ddim":
+        prevs = ts - alphas_cumprod.numel() // ts.numel()
+    else:  # the successor of each entry, -1 after the last
+        prevs = torch.cat([ts[1:], ts.new_full((1,), -1)])
     guided = guidance_scale is not None
     guidance = float(guidance_scale) if guided else None
     eta = float(eta)
@@ -169,7 +186,7 @@ def _sample_captured(step, x_T: torch.Tensor, ts: torch.Tensor, prevs: torch.Ten
 
 
 def _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
-              step_options) -> None:
+              prev_timesteps, step_options) -> None:
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
     C.check_choice("method", method, METHODS)
@@ -182,11 +199,23 @@ def _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_sc
     if timesteps.ndim != 1 or timesteps.numel() == 0:
         raise ValueError(f"timesteps must be 1-D and non-empty, got shape {tuple(timesteps.shape)}")
     if timesteps.device.type == "cpu":
-        if bool((timesteps < 0).any()) or bool((timesteps >= num_train).any()):
+        values = timesteps.to(torch.int64)
+        if bool((values < 0).any()) or bool((values >= num_train).any()):
             raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (alphas_cumprod has {num_train} entries), "
-                             f"got {timesteps.tolist()}")
-        if timesteps.numel() > 1 and not bool((timesteps[1:] < timesteps[:-1]).all()):
-            raise ValueError(f"timesteps must be strictly descending, got {timesteps.tolist()}")
+                             f"got {values.tolist()} (a diffusers schedule ending in -1, from 'trailing' spacing, "
+                             "has one step too many: pass timesteps[timesteps >= 0])")
+        if values.numel() > 1 and not bool((values[1:] < values[:-1]).all()):
+            raise ValueError(f"timesteps must be strictly descending, got {values.tolist()}")
+    if prev_timesteps is not None:
+        if not isinstance(prev_timesteps, torch.Tensor) or prev_timesteps.is_floating_point() \
+                or prev_timesteps.is_complex() or prev_timesteps.dtype == torch.bool:
+            raise TypeError("prev_timesteps must be a 1-D integer torch.Tensor or None")
+        if tuple(prev_timesteps.shape) != tuple(timesteps.shape):
+            raise ValueError(f"prev_timesteps must have timesteps' shape {tuple(timesteps.shape)}, "
+                             f"got {tuple(prev_timesteps.shape)}")
+        if prev_timesteps.device.type == "cpu" and bool((prev_timesteps.to(torch.int64) >= num_train).any()):
+            raise ValueError(f"prev_timesteps must lie below {num_train} (alphas_cumprod has {num_train} entries), "
+                             f"got {prev_timesteps.tolist()}")
     C.check_float("eta", eta, low=0.0)
     if method == "ddpm" and eta != 0:
         raise ValueError(f"eta applies to method='ddim' only; method='ddpm' got eta={eta}")

@@ -9,6 +9,7 @@ patching tests use tiny random-init diffusers models, with the GroupNorm affine 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -553,3 +554,148 @@ def test_device_timestep_loop_matches_diffusers_without_host_syncs(randn, gen, d
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_close(x, expected)
+
+
+# --- What a pipeline does with a scheduler: compile, save/load, autograd, odd configs and schedules ---------------
+
+@needs_diffusers
+def test_compiled_fused_ddim_step_has_no_graph_break(randn):
+    scheduler = FusedDDIMScheduler(num_train_timesteps=100, set_alpha_to_one=False)
+    scheduler.set_timesteps(5)
+    x, out = randn(*SHAPE), randn(*SHAPE)
+
+    def step(out, t, x):
+        return scheduler.step(out, t, x).prev_sample
+
+    compiled = torch.compile(step, fullgraph=True)
+    t = scheduler.timesteps[1]  # a 0-d tensor, as a pipeline's loop passes it
+    assert_close(compiled(out, t, x), step(out, t, x))
+
+
+@needs_diffusers
+@pytest.mark.parametrize("parent,fused_cls", [("DDIMScheduler", "FusedDDIMScheduler"),
+                                              ("DDPMScheduler", "FusedDDPMScheduler")], ids=["ddim", "ddpm"])
+def test_saved_pipeline_with_a_fused_scheduler_loads_back(tmp_path, gen, parent, fused_cls):
+    pipeline_cls = DDIMPipeline if parent == "DDIMScheduler" else DDPMPipeline
+    fused = globals()[fused_cls]
+    pipe = pipeline_cls(tiny_unet(gen), getattr(diffusers, parent)(num_train_timesteps=100))
+    pipe.scheduler = fused.from_config(pipe.scheduler.config)   # the README's swap
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    with open(tmp_path / "model_index.json") as f:
+        assert json.load(f)["scheduler"] == ["diffkern.integrations.diffusers", fused_cls]
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    # DDIMPipeline's own __init__ converts any scheduler it is given to a DDIMScheduler; DDPMPipeline keeps it.
+    assert type(loaded.scheduler) is (DDIMScheduler if parent == "DDIMScheduler" else fused)
+    assert public_config(loaded.scheduler) == public_config(pipe.scheduler)
+    seed = seed_from(gen)
+    kwargs = dict(batch_size=1, num_inference_steps=3, output_type="np", return_dict=False)
+    expected = pipe(generator=torch.Generator().manual_seed(seed), **kwargs)[0]
+    actual = loaded(generator=torch.Generator().manual_seed(seed), **kwargs)[0]
+    assert_close(torch.from_numpy(actual), torch.from_numpy(expected))
+
+
+@needs_diffusers
+@pytest.mark.parametrize("parent,fused_cls", [("DDIMScheduler", "FusedDDIMScheduler"),
+                                              ("DDPMScheduler", "FusedDDPMScheduler")], ids=["ddim", "ddpm"])
+@pytest.mark.parametrize("x0_mode", list(X0_MODES))
+def test_fused_step_and_add_noise_gradients_match_diffusers(randn, parent, fused_cls, x0_mode):
+    config = dict(num_train_timesteps=100, prediction_type="v_prediction", **X0_MODES[x0_mode])
+    if parent == "DDPMScheduler":
+        config["variance_type"] = "fixed_small"
+    stock, fused = getattr(diffusers, parent)(**config), globals()[fused_cls](**config)
+    for scheduler in (stock, fused):
+        scheduler.set_timesteps(10)
+    x, out, noise = randn(*SHAPE, scale=2.0), randn(*SHAPE), randn(*SHAPE)
+    grad_prev, grad_x0 = randn(*SHAPE), randn(*SHAPE)
+    t = int(stock.timesteps[3])
+
+    def gradients(scheduler):
+        x_, out_ = x.clone().requires_grad_(), out.clone().requires_grad_()
+        kwargs = dict(generator=torch.Generator().manual_seed(0), return_dict=False)
+        prev, x0 = scheduler.step(out_, t, x_, **kwargs)
+        torch.autograd.backward([prev, x0], [grad_prev, grad_x0])
+        x0_, noise_ = x.clone().requires_grad_(), noise.clone().requires_grad_()
+        noisy = scheduler.add_noise(x0_, noise_, torch.tensor([t, 7]))
+        noisy.backward(grad_prev)
+        return out_.grad, x_.grad, x0_.grad, noise_.grad
+
+    for actual, expected in zip(gradients(fused), gradients(stock)):
+        assert_close(actual, expected)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("parent,fused_cls", [("DDIMScheduler", "FusedDDIMScheduler"),
+                                              ("DDPMScheduler", "FusedDDPMScheduler")], ids=["ddim", "ddpm"])
+@pytest.mark.parametrize("config", [
+    dict(thresholding=False, sample_max_value=0.5),
+    dict(clip_sample=False, clip_sample_range=0.0),
+    dict(thresholding=True, sample_max_value=0.5, dynamic_thresholding_ratio=0.9),   # max wins over min = 1
+    dict(thresholding=True, clip_sample=True, clip_sample_range=0.0, sample_max_value=3.0),  # thresholding wins
+], ids=["max-value-unused", "clip-range-unused", "max-value-below-1", "threshold-wins"])
+def test_configs_diffusers_accepts_run_as_in_diffusers(randn, gen, parent, fused_cls, config):
+    config = dict(num_train_timesteps=100, **config)
+    model = make_model(randn, 3, 3)
+    x, seed = randn(*SHAPE), seed_from(gen)
+    expected = run_loop(getattr(diffusers, parent)(**config), model, x, seed, num_inference_steps=5)
+    actual = run_loop(globals()[fused_cls](**config), model, x, seed, num_inference_steps=5)
+    for a, e in zip(actual, expected):
+        assert_close(a, e)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("parent,fused_cls", [("DDIMScheduler", "FusedDDIMScheduler"),
+                                              ("DDPMScheduler", "FusedDDPMScheduler")], ids=["ddim", "ddpm"])
+def test_trailing_schedule_ending_in_minus_one_runs_and_keeps_the_last_sample(randn, gen, parent, fused_cls):
+    # diffusers' trailing spacing gives 62 timesteps ending in -1 for 61 steps at N = 1000 (see _step_or_keep).
+    config = dict(timestep_spacing="trailing", clip_sample=False)
+    stock, fused = getattr(diffusers, parent)(**config), globals()[fused_cls](**config)
+    stock.set_timesteps(61)
+    assert int(stock.timesteps[-1]) == -1 and len(stock.timesteps) == 62
+    model = make_model(randn, 3, 3)
+    x, seed = randn(*SHAPE), seed_from(gen)
+    fused.set_timesteps(61)
+    stock_until_last = stock.__class__(**config)
+    stock_until_last.set_timesteps(61)
+    stock_until_last.timesteps = stock_until_last.timesteps[:-1]  # the stock loop without its extra step
+    expected, _ = run_loop(stock_until_last, model, x, seed)
+    actual, x0 = run_loop(fused, model, x, seed)
+    assert_close(actual, expected)
+    assert torch.equal(x0, actual)  # the step from -1 keeps the sample, as prev and as predicted x0
+    # Per-sample timesteps (a tensor, so the select path): the sample at -1 is kept, the other one steps.
+    out = model(x, 15)
+    prev, _ = fused.step(out, torch.tensor([-1, 15]), x, generator=torch.Generator().manual_seed(seed),
+                         return_dict=False)
+    alone, _ = fused.step(out[1:], 15, x[1:], generator=torch.Generator().manual_seed(seed), return_dict=False)
+    assert torch.equal(prev[0], x[0])
+    assert_close(prev[1:], alone)
+
+
+@needs_diffusers
+def test_ddim_eta_1_near_the_cosine_end_keeps_diffusers_operation_order(randn, gen):
+    # Decision (issue 13, point 12): sqrt(1 - a' - sigma^2) cancels heavily here in fp32, in diffusers too; the
+    # fused step keeps diffusers' order, so it stays bit-equal to it rather than more accurate than it.
+    config = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    stock, fused = DDIMScheduler(**config), FusedDDIMScheduler(**config, backend="reference")
+    for scheduler in (stock, fused):
+        scheduler.set_timesteps(6)
+    x, out, noise = randn(*SHAPE), randn(*SHAPE), randn(*SHAPE)
+    t = int(stock.timesteps[0])
+    assert t == 999  # to 999 - 1000 // 6 = 833
+    expected = stock.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+    actual = fused.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+    assert torch.equal(actual, expected)
+
+
+@needs_diffusers
+def test_numpy_integer_timesteps_work_in_ops_and_schedulers(randn):
+    import diffkern
+
+    scheduler = FusedDDIMScheduler(num_train_timesteps=100, clip_sample=False)
+    scheduler.set_timesteps(5)
+    x, out = randn(*SHAPE), randn(*SHAPE)
+    t = np.int64(40)
+    expected = diffkern.ddim_step(out, 40, x, scheduler.alphas_cumprod, prev_timestep=20).prev_sample
+    assert torch.equal(diffkern.ddim_step(out, t, x, scheduler.alphas_cumprod, prev_timestep=np.int32(20)).prev_sample,
+                       expected)
+    assert torch.equal(scheduler.step(out, t, x).prev_sample, expected)

@@ -54,11 +54,19 @@ def guided(out: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
     return torch.cat([mixed, cond[:, channels:]], dim=1)
 
 
-def hand_loop(method, model, x, timesteps, *, seed, device, eta=0.0, guidance_scale=None, **options):
+def hand_loop(method, model, x, timesteps, *, seed, device, eta=0.0, guidance_scale=None, prev_timesteps=None,
+              **options):
+    """``sample``'s loop by hand, with diffusers' previous-timestep rules written out: DDIM t - T // n, DDPM the
+    next entry (or ``prev_timesteps``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     ts = timesteps.tolist()
     for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        if prev_timesteps is not None:
+            prev = int(prev_timesteps[i])
+        elif method == "ddim":
+            prev = t - NUM_TRAIN // len(ts)
+        else:
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
         out = model(torch.cat([x, x]) if guidance_scale is not None else x, t)
         if guidance_scale is not None:
             out = guided(out, guidance_scale, x.shape[1])
@@ -84,6 +92,32 @@ def test_ddim_matches_hand_loop(randn, gen, device, eta, guidance_scale):
                          guidance_scale=guidance_scale)
     actual = sample(model, x_T, TABLE, timesteps.to(device), method="ddim", eta=eta, guidance_scale=guidance_scale,
                     generator=torch.Generator(device=device).manual_seed(seed))
+    assert_close(actual, expected)
+
+
+def test_explicit_previous_timesteps(randn, gen, device):
+    model, x_T, seed = make_model(randn, 3, 3, SHAPE[0]), randn(*SHAPE), seed_from(gen)
+    timesteps = random_timesteps(gen, 7)
+    to_next = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+    expected = hand_loop("ddim", model, x_T, timesteps, seed=seed, device=device, prev_timesteps=to_next)
+    actual = sample(model, x_T, TABLE, timesteps.to(device), prev_timesteps=to_next.to(device))
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [6, 7])
+def test_ddim_steps_where_diffusers_ddim_scheduler_steps(randn, gen, spacing, steps):
+    """The loop a user replaces: ``DDIMScheduler`` goes from t to t - N // n for every spacing."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    model, x = make_model(randn, 3, 3, SHAPE[0]), randn(*SHAPE)
+    expected = x
+    for t in scheduler.timesteps:
+        expected = scheduler.step(model(expected, t), t, expected).prev_sample
+    actual = sample(model, x, scheduler.alphas_cumprod, scheduler.timesteps,
+                    final_alpha_cumprod=float(scheduler.final_alpha_cumprod), backend="reference")
     assert_close(actual, expected)
 
 

@@ -50,12 +50,15 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 try:
-    from diffusers import DDIMScheduler, DDPMScheduler
+    # SchedulerMixin is imported for diffusers' loader, not for this module: a saved pipeline records this module
+    # as the fused scheduler's library, and ``DiffusionPipeline.from_pretrained`` looks the loadable base classes
+    # (SchedulerMixin among them) up in that module to find the class's loading method.
+    from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin  # noqa: F401
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
@@ -125,6 +128,45 @@ class _FusedSchedulerMixin:
         self.backend = backend
         self._abar_source: Optional[torch.Tensor] = None
         self._abar_tables: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._lowest_scheduled = 0  # the parent's initial timesteps are arange(N) reversed
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        """The parent's ``set_timesteps``, which also notes on the host whether the schedule holds a negative
+        timestep (see ``_step_or_keep``): the timesteps are built on the CPU, inspected there, then moved to
+        ``device``, exactly as the parent moves them, so nothing is read back from a device."""
+        bound = inspect.signature(super().set_timesteps).bind(*args, **kwargs)
+        device = bound.arguments.pop("device", None)
+        super().set_timesteps(*bound.args, **bound.kwargs)
+        self._lowest_scheduled = int(self.timesteps.min()) if self.timesteps.numel() else 0
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+
+    def _step_or_keep(self, step: Callable[[Timestep], Tuple[torch.Tensor, torch.Tensor]], t: Timestep,
+                      sample: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``step(t)``, except that a sample whose timestep is negative is returned unchanged, as both
+        ``prev_sample`` and ``pred_original_sample``.
+
+        diffusers' "trailing" spacing schedules a final timestep -1 for some step counts (61 is the smallest with
+        1000 training steps: the float ``arange`` yields one entry too many). The stock schedulers then index
+        ``alphas_cumprod[-1]``, the noisiest entry, and "denoise" an already finished sample at abar ~ 0,
+        amplifying the model's output by 1 / sqrt(abar_T). A timestep below 0 means "past the last step": the step
+        before it has already reached the final abar, so the right step from there is none at all. The fused
+        schedulers therefore run every loop the stock ones run, and leave that extra step's sample as it is.
+
+        Host timesteps are read. A device timestep is not: when the schedule holds a negative entry (noted by
+        ``set_timesteps``) the step runs at max(t, 0) and a select keeps the negative ones' samples (one more
+        elementwise kernel, only for such schedules); otherwise nothing is added."""
+        if isinstance(t, int):
+            return (sample.clone(), sample.clone()) if t < 0 else step(t)
+        if t.device.type == "cpu":
+            maybe_negative = not torch.compiler.is_compiling() and bool((t < 0).any())
+        else:
+            maybe_negative = self._lowest_scheduled < 0
+        if not maybe_negative:
+            return step(t)
+        prev_sample, x0 = step(t.clamp(min=0))
+        past_the_end = (t < 0).to(sample.device).reshape(-1, *([1] * (sample.ndim - 1)))
+        return torch.where(past_the_end, sample, prev_sample), torch.where(past_the_end, sample, x0)
 
     @property
     def backend(self) -> str:
@@ -166,8 +208,19 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self._init_fused(backend)
+        self._final_source: Optional[torch.Tensor] = None
+        self._final_alpha_cumprod()  # read here, eagerly, so that a compiled step finds it cached
 
     __init__.__signature__ = _signature_with_backend(DDIMScheduler)
+
+    def _final_alpha_cumprod(self) -> float:
+        """``self.final_alpha_cumprod`` (a 0-d CPU tensor in diffusers) as a Python float, read once per tensor
+        (at construction, and again only if the attribute is replaced), so that a step traced by
+        ``torch.compile`` sees a constant instead of reading a tensor."""
+        if self._final_source is not self.final_alpha_cumprod:
+            self._final_source = self.final_alpha_cumprod
+            self._final_value = float(self.final_alpha_cumprod)
+        return self._final_value
 
     def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: Optional[bool] = False, generator: GeneratorArg = None,
@@ -190,7 +243,6 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
                              "the scheduler")
         _check_tensors(model_output=model_output, sample=sample)
         t = _timestep("timestep", timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -199,14 +251,19 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         cfg = self.config
-        prev_sample, x0 = ddim_step(
-            model_output, t, sample, self._abar(sample), prev_timestep=prev_t, eta=eta, noise=noise,
-            prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
-            clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
-            # DDIMPipeline passes None for "not set"; diffusers only tests truthiness.
-            use_clipped_model_output=bool(use_clipped_model_output),
-            final_alpha_cumprod=float(self.final_alpha_cumprod), backend=self.backend)
+
+        def step_at(t: Timestep) -> Tuple[torch.Tensor, torch.Tensor]:
+            return ddim_step(
+                model_output, t, sample, self._abar(sample),
+                prev_timestep=t - cfg.num_train_timesteps // self.num_inference_steps, eta=eta, noise=noise,
+                prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+                # DDIMPipeline passes None for "not set"; diffusers only tests truthiness.
+                use_clipped_model_output=bool(use_clipped_model_output),
+                final_alpha_cumprod=self._final_alpha_cumprod(), backend=self.backend)
+
+        prev_sample, x0 = self._step_or_keep(step_at, t, sample)
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -275,19 +332,22 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
             raise ValueError(f"model_output must have 2 * {sample.shape[1]} channels (the prediction, then the "
                              f"variance) for variance_type={variance_type!r}, got shape {tuple(model_output.shape)}")
         device = sample.device
-        prev_t = self._previous(t, device)
         noise = None
         if _may_be_positive(t):
             # diffusers' own draw (one randn like the sample, in model_output's dtype), so seeds reproduce it.
             noise = randn_tensor(sample.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
         cfg = self.config
-        prev_sample, x0 = ddpm_step(
-            model_output, t, sample, self._abar(sample), prev_timestep=prev_t, noise=noise,
-            variance_type=variance_type, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
-            clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
-            backend=self.backend)
+
+        def step_at(t: Timestep) -> Tuple[torch.Tensor, torch.Tensor]:
+            return ddpm_step(
+                model_output, t, sample, self._abar(sample), prev_timestep=self._previous(t, device), noise=noise,
+                variance_type=variance_type, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+                backend=self.backend)
+
+        prev_sample, x0 = self._step_or_keep(step_at, t, sample)
         if not return_dict:
             return prev_sample, x0
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
