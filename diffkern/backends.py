@@ -13,6 +13,9 @@ explicit request), else the reference on non-CUDA tensors, else the first usable
 
 Nothing here touches a device, imports triton or loads the extension at import time: availability is
 checked on first use and cached.
+
+Threads: the ops may be called from several threads; ``last_backend`` answers per thread. The Triton interpreter
+(``TRITON_INTERPRET=1``, CPU tensors) is a test mode and is not thread-safe: call it from one thread at a time.
 """
 
 from __future__ import annotations

@@ -41,9 +41,23 @@ Where the fused schedulers deliberately differ from diffusers 0.42:
 - ``add_noise`` leaves ``self.alphas_cumprod`` where it is (the parent moves it to the samples' device).
 - ``model_output`` must have the sample's dtype (diffusers silently promotes); a learned variance type needs a
   model output with 2C channels (diffusers fails later with a less helpful error).
+- A step from a negative timestep returns the sample unchanged (as ``prev_sample`` and
+  ``pred_original_sample``). diffusers' "trailing" spacing schedules a final timestep -1 for some step counts
+  (61 is the smallest at N = 1000); the stock schedulers then index ``alphas_cumprod[-1]`` and re-"denoise" the
+  finished sample at abar ~ 0. Every loop the stock schedulers run, the fused ones run; see ``_step_or_keep``.
+- Options of a disabled mode are ignored, as diffusers ignores them (``sample_max_value`` with thresholding
+  off, ``clip_sample_range`` with clipping off or with thresholding on); a value diffusers accepts for an
+  enabled mode is accepted too (``sample_max_value`` below 1, ``clip_sample_range`` 0).
+- Values are checked where they are on the host: a CPU ``alphas_cumprod`` (finite, in [0, 1]) and abar at host
+  timesteps where the step divides by it (a zero-terminal-SNR table with epsilon prediction at its last
+  timestep raises instead of returning NaN). Device values are never read.
 
-Saving a pipeline records the fused class name; swap back (``DDIMScheduler.from_config(pipe.scheduler.config)``)
-before ``save_pretrained`` if the result must load without diffkern.
+``step`` and ``add_noise`` are differentiable in ``model_output``, ``sample`` (and the noise), like diffusers'.
+A pipeline saved with a fused scheduler records it as ``["diffkern.integrations.diffusers", "Fused..."]`` in
+``model_index.json`` and loads back with ``DiffusionPipeline.from_pretrained`` wherever diffkern is installed
+(a pipeline class that converts its scheduler in ``__init__``, as ``DDIMPipeline`` does, converts it again).
+Swap back (``DDIMScheduler.from_config(pipe.scheduler.config)``) before ``save_pretrained`` if the result must load
+without diffkern.
 """
 
 from __future__ import annotations
