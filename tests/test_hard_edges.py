@@ -134,12 +134,26 @@ def test_fast_backend_gradients_equal_the_references_in_float32(randn, device, b
         diffkern.testing.assert_close(got, want)
 
 
+def test_compiled_step_backward_equals_eager(randn, device):
+    model_output = randn(4, 3, 8, 8).requires_grad_()
+    sample = randn(2, 3, 8, 8).requires_grad_()
+    table = TABLE.float().to(device)
+    t, prev = torch.tensor([50, 60], device=device), torch.tensor([30, 40], device=device)
+
+    def loss(model_output, sample):
+        out = diffkern.ddim_step(model_output, t, sample, table, prev_timestep=prev, guidance_scale=3.0,
+                                 thresholding=True, sample_max_value=100.0)
+        return (out.prev_sample ** 2).sum() + out.pred_original_sample.sum()
+
+    expected = torch.autograd.grad(loss(model_output, sample), (model_output, sample))
+    compiled = torch.compile(loss, fullgraph=True)
+    for got, want in zip(torch.autograd.grad(compiled(model_output, sample), (model_output, sample)), expected):
+        diffkern.testing.assert_close(got, want)
+
+
 def test_sampling_loop_is_differentiable(randn, device):
     x_T = randn(2, 3, 4, 4, dtype=torch.float64).requires_grad_()
     weight = randn(3, 3, dtype=torch.float64).requires_grad_()
-
-    def model(x, t):
-        return torch.einsum("oc,bchw->bohw", weight, x).tanh()
 
     def run(x_T, weight_):
         return diffkern.sample(lambda x, t: torch.einsum("oc,bchw->bohw", weight_, x).tanh(), x_T,
