@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA extension: build it, run the whole test suite on CUDA, and run every kernel
 # under compute-sanitizer (memcheck, racecheck, initcheck, synccheck), expecting zero findings.
+# For a workstation with time to spare; on a GPU lent for minutes use scripts/gpu_session.py instead.
 #
 # Usage (on a machine with an NVIDIA GPU, a CUDA toolkit and torch >= 2.10 with CUDA):
 #   scripts/gpu_check.sh             # JIT-build the extension for the visible GPU (cached), then check
