@@ -289,7 +289,7 @@ def test_backend_rejects_mismatched_layouts(table, randn, device):
     sample = randn(2, 3, 4, 5)
     model_output = randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     timestep = torch.tensor([10], device=device)
-    with pytest.raises(ValueError, match="identical strides"):
+    with pytest.raises(ValueError, match="laid out alike"):
         triton_ddim_step(model_output, sample, None, table, timestep, timestep - 1, final_alpha_cumprod=1.0,
                          eta=0.0, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0,
                          thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
