@@ -21,7 +21,11 @@ CUDA backend can still be JIT-compiled from a source checkout at first use (diff
 The compile itself (flags, ninja file, the undefined-symbol audit) is shared with the JIT path: both call
 ``build()`` in diffkern/_extension.py, loaded here by file path so the package itself is not imported.
 The wheel is tagged ``cp39-abi3`` (the library never touches the Python C API, so one wheel serves every
-CPython >= 3.9) and ``manylinux_<glibc of the build machine>_x86_64``.
+CPython >= 3.9) and ``manylinux_2_28_x86_64``, PyTorch's own tag, whatever the glibc of the build machine:
+every host compile force-includes ``csrc/glibc_compat.h``, which binds the few functions newer glibcs moved
+(``dlopen``... got ``GLIBC_2.34``) to their original versions and keeps libstdc++ off glibc 2.32's
+``__libc_single_threaded``. The tag is then taken from what the linked library actually needs (never below
+2.28); scripts/check_wheel.py holds every ``GLIBC_``/``GLIBCXX_``/``CXXABI_``/``GCC_`` version against it.
 """
 
 import importlib.util
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +45,12 @@ ROOT = Path(__file__).parent.resolve()
 BASE_VERSION = "0.1.0"
 BUILD_CUDA = os.environ.get("DIFFKERN_BUILD_CUDA", "0").strip().lower() in ("1", "true", "yes", "on")
 
+#: The oldest glibc the wheel's platform tag ever claims: PyTorch's wheels are manylinux_2_28, so an older
+#: system cannot run torch anyway, and libstdc++'s GLIBCXX_3.4.21 ABI (GCC >= 5) rules out manylinux2014.
+MANYLINUX_FLOOR = (2, 28)
+#: Force-included into every host compile (see the header): keeps the library within glibc 2.28.
+GLIBC_COMPAT_HEADER = ROOT / "csrc" / "glibc_compat.h"
+
 
 def _build_tools():
     """diffkern/_extension.py as a standalone module (importing the package would import its deps)."""
@@ -50,6 +61,36 @@ def _build_tools():
         sys.modules[name] = module  # dataclasses look their module up here
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _use_glibc_compat_header(tools) -> None:
+    """Add ``csrc/glibc_compat.h`` as a forced include to the shared compile flags of diffkern/_extension.py.
+
+    nvcc's ``--pre-include`` reaches both its preprocessing passes (host and device) but not the final compile
+    of the already-preprocessed host code, so the header's ``.symver`` directives are emitted once. A no-op
+    when _extension.py adds the header itself (it then defines ``GLIBC_COMPAT_HEADER``, and the JIT build and
+    the wheel compile alike, so CI's build test reuses the wheel check's objects).
+    """
+    header = str(GLIBC_COMPAT_HEADER)
+    if (not GLIBC_COMPAT_HEADER.is_file() or hasattr(tools, "GLIBC_COMPAT_HEADER")
+            or any("glibc_compat.h" in flag for flag in tools.NVCC_FLAGS + tools.CXX_FLAGS)):
+        return
+    tools.NVCC_FLAGS = tuple(tools.NVCC_FLAGS) + ("--pre-include", header)
+    tools.CXX_FLAGS = tuple(tools.CXX_FLAGS) + ("-include", header)
+
+
+def _needed_glibc(library: Path):
+    """The newest ``GLIBC_x.y`` version ``library`` needs (its version-needs section), or None if unknown."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not library.is_file():
+        return None
+    try:
+        out = subprocess.run([readelf, "-V", "-W", str(library)], check=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    versions = [tuple(int(x) for x in v.split(".")) for v in re.findall(r"Name: GLIBC_(\d+(?:\.\d+)+)", out)]
+    return max(versions, default=(2, 0))[:2]
 
 
 def _cuda_toolkit():
@@ -96,6 +137,7 @@ class BuildCudaExtension(build_ext):
         # DIFFKERN_BUILD_DIR lets CI share one ninja directory between the wheel build and the build test
         # (same compile commands, so the second only relinks).
         build_dir = os.environ.get("DIFFKERN_BUILD_DIR") or Path(self.build_temp) / f"diffkern_cuda_{toolkit.local_tag}"
+        _use_glibc_compat_header(tools)
         try:
             result = tools.build(
                 ROOT / "csrc",
@@ -120,23 +162,31 @@ class BuildCudaExtension(build_ext):
 
 
 class BdistWheel(bdist_wheel):
-    """Tags a wheel with the extension ``manylinux_<X>_<Y>_<arch>``, X.Y being the build machine's glibc.
+    """Tags a wheel with the extension ``manylinux_<X>_<Y>_<arch>``: X.Y is the newest glibc symbol version the
+    linked library needs, but at least MANYLINUX_FLOOR (2.28), so normally ``manylinux_2_28``.
 
-    That is conservative and true (the library needs no newer glibc and no newer libstdc++ than that
-    system's); build inside a manylinux container (e.g. manylinux_2_28) for wheels that run on older
-    distributions. scripts/check_wheel.py verifies the tag against the library's symbol versions.
+    Honest on any build machine: a library that needs a newer glibc (a symbol csrc/glibc_compat.h does not
+    cover) gets a newer tag, and scripts/check_wheel.py then fails it against the 2.28 expectation of
+    scripts/build_wheels.sh. Without readelf the build machine's glibc is used, as conservative as before.
     """
 
     def get_tag(self):
         impl, abi, plat = super().get_tag()
-        try:
-            libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # e.g. "glibc 2.36"; the system's, not Python's
-        except (AttributeError, ValueError, OSError):
-            libc = ""
-        match = re.fullmatch(r"glibc (\d+)\.(\d+)(?:\.\d+)?", libc)
-        if BUILD_CUDA and plat.startswith("linux_") and match:
-            plat = f"manylinux_{match.group(1)}_{match.group(2)}_{plat[len('linux_'):]}"
-        return impl, abi, plat
+        if not (BUILD_CUDA and plat.startswith("linux_")):
+            return impl, abi, plat
+        build_ext_cmd = self.get_finalized_command("build_ext")
+        needed = _needed_glibc(Path(build_ext_cmd.get_ext_fullpath("diffkern._C")))
+        if needed is None:
+            try:
+                libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # e.g. "glibc 2.36"; the system's, not Python's
+            except (AttributeError, ValueError, OSError):
+                libc = ""
+            match = re.fullmatch(r"glibc (\d+)\.(\d+)(?:\.\d+)?", libc)
+            if not match:
+                return impl, abi, plat
+            needed = (int(match.group(1)), int(match.group(2)))
+        glibc = max(needed, MANYLINUX_FLOOR)
+        return impl, abi, f"manylinux_{glibc[0]}_{glibc[1]}_{plat[len('linux_'):]}"
 
 
 if BUILD_CUDA:

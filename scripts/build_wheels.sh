@@ -17,10 +17,14 @@
 #   scripts/build_wheels.sh --cu12 /usr/local/cuda-13.0       # +cu130 and +cu126 wheels
 #   MAX_JOBS=8 scripts/build_wheels.sh --archs "80;90"        # quicker, fewer archs
 #
-# Each wheel is named diffkern-0.1.0+cuXY-cp39-abi3-manylinux_<glibc>_x86_64.whl (XY: the toolkit's CUDA
-# runtime version) and is inspected by scripts/check_wheel.py before it is moved to --out. The build uses
-# the installed torch (>= 2.10, CPU-only is fine) through pip's --no-build-isolation; nothing is
-# downloaded. Users pick the wheel whose CUDA major matches torch.version.cuda.
+# Each wheel is named diffkern-0.1.0+cuXY-cp39-abi3-manylinux_2_28_x86_64.whl (XY: the toolkit's CUDA
+# runtime version) and is inspected by scripts/check_wheel.py before it is moved to --out: among the rest,
+# the tag must be manylinux_2_28 (PyTorch's own) and no shipped library may need a GLIBC_/GLIBCXX_/CXXABI_/
+# GCC_ version newer than that policy allows, whatever the glibc of the build machine (setup.py force-includes
+# csrc/glibc_compat.h for that; no container or sysroot needed). With auditwheel installed, `auditwheel show`
+# must agree ($DIFFKERN_CHECK_AUDITWHEEL=require makes it mandatory). The build uses the installed torch
+# (>= 2.10, CPU-only is fine) through pip's --no-build-isolation; nothing is downloaded. Users pick the wheel
+# whose CUDA major matches torch.version.cuda.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,7 +81,8 @@ for toolkit in "${toolkits[@]}"; do
     "$PYTHON" -m pip wheel --no-build-isolation --no-deps --disable-pip-version-check -w "$staging" "$repo"
   echo "== built in $((SECONDS - start)) s"
   wheel="$(ls "$staging"/diffkern-*.whl)"
-  "$PYTHON" "$repo/scripts/check_wheel.py" "$wheel" --cuda-major "$cuda_major" --archs "$want_archs" --ptx "$want_ptx"
+  "$PYTHON" "$repo/scripts/check_wheel.py" "$wheel" --cuda-major "$cuda_major" --archs "$want_archs" --ptx "$want_ptx" \
+    --expect-plat manylinux_2_28_x86_64
   mv -f "$wheel" "$out/"
   rmdir "$staging"
   echo "== $out/$(basename "$wheel")"

@@ -2,7 +2,9 @@
 # CI check of the wheel pipeline, no GPU needed:
 #   1. build the CUDA 13 wheel for sm_80 and sm_90 (+PTX of sm_90) only, to keep CI fast
 #      (scripts/build_wheels.sh, which also runs scripts/check_wheel.py on it: tags, +cu13x label,
-#      cubin archs via cuobjdump, NEEDED libcudart.so.13, ...);
+#      cubin archs via cuobjdump, NEEDED libcudart.so.13, the manylinux_2_28 tag and every shipped library's
+#      GLIBC_/GLIBCXX_/CXXABI_/GCC_ versions against it, and `auditwheel show` agreeing: required here, so
+#      auditwheel is pip-installed first if missing);
 #   2. install it with --no-deps into a fresh virtualenv that sees this environment's (CPU) torch;
 #   3. from outside the repository, import diffkern, load the prebuilt extension and check that every
 #      op of diffkern._extension.CUDA_OPS is registered under torch.ops.diffkern with a CUDA kernel.
@@ -23,11 +25,15 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 start=$SECONDS
 
-"$repo/scripts/build_wheels.sh" --archs "$archs" --out "$work/dist"
+# auditwheel only reads the wheel (no patchelf, no repair): its verdict must agree with the tag.
+if ! "$PYTHON" -c "import auditwheel" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check auditwheel
+fi
+DIFFKERN_CHECK_AUDITWHEEL=require "$repo/scripts/build_wheels.sh" --archs "$archs" --out "$work/dist"
 wheel="$(ls "$work"/dist/diffkern-*.whl)"
 case "$(basename "$wheel")" in
-  *+cu13*) ;;
-  *) echo "ci_wheel_check: expected a CUDA 13 (+cu13x) wheel, got $(basename "$wheel")" >&2; exit 1 ;;
+  *+cu13*-manylinux_2_28_x86_64.whl) ;;
+  *) echo "ci_wheel_check: expected a CUDA 13 (+cu13x) manylinux_2_28 wheel, got $(basename "$wheel")" >&2; exit 1 ;;
 esac
 built=$SECONDS
 
