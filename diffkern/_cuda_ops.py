@@ -1,10 +1,9 @@
 """The ``cuda`` backend: the CUDA extension's ops (``csrc/``) behind the reference backends' signatures.
 
-The extension defines ``diffkern::add_noise_cuda``, ``ddim_step_cuda``, ``ddpm_step_cuda``,
-``group_norm_silu_fwd_cuda`` and ``group_norm_silu_bwd_cuda`` (schemas and int codes in
-``csrc/registration.cpp``). Importing this module loads nothing: the first call loads the library through
-``diffkern._extension.load()`` and then registers the ops' fake kernels (they do not exist before), so that
-``torch.compile`` can trace calls to them.
+The extension's ops (``diffkern::add_noise_cuda``, ``ddim_step_cuda``, ...) are declared with their schemas,
+codes and fake kernels in the op modules' ``DECLARATION`` (``diffkern/ops/_declaration.py``); the library registers
+their kernels. Importing this module loads nothing: the first call loads the library through
+``diffkern._extension.load()``, which defines the schemas first.
 
 Passes over memory per call (n = elements of the samples):
 
@@ -21,31 +20,25 @@ float64 inputs run on the reference (the kernels compute in fp32 by design; floa
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Callable, Optional, Tuple
 
 import torch
 
 from diffkern.ops import _common as C
+from diffkern.ops._declaration import PREDICTION_CODES, VARIANCE_CODES
 from diffkern.ops.add_noise import add_noise_reference
 from diffkern.ops.ddim import ddim_step_reference
 from diffkern.ops.ddpm import ddpm_step_reference
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 
-PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
-VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
-                  "learned_range": 5}
-OP_NAMES = ("add_noise_cuda", "ddim_step_cuda", "ddpm_step_cuda", "group_norm_silu_fwd_cuda",
-            "group_norm_silu_bwd_cuda")
-
 _lock = threading.Lock()
 _ready = False
-_fakes_registered = False
 
 
 def _ops():
-    """``torch.ops.diffkern`` once the extension is loaded and its fake kernels registered (idempotent)."""
+    """``torch.ops.diffkern`` once the ops' schemas and fakes are defined (``_declaration.define_cuda_ops``) and
+    the extension that registers their kernels is loaded (idempotent)."""
     global _ready
     if not _ready:
         with _lock:
@@ -53,55 +46,8 @@ def _ops():
                 from diffkern import _extension
 
                 _extension.load()
-                _register_fakes()
                 _ready = True
     return torch.ops.diffkern
-
-
-def _per_sample_numel(sample: torch.Tensor) -> int:
-    return math.prod(sample.shape[1:])
-
-
-def _register_fakes() -> None:
-    """Fake (meta) kernels of the five ops; called once, right after the library is loaded."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-
-    @torch.library.register_fake("diffkern::add_noise_cuda")
-    def _(original_samples, noise, alphas_cumprod, timesteps):
-        return torch.empty_like(original_samples)
-
-    def step_outputs(sample, x0_only):
-        if x0_only:
-            x0 = sample.new_empty((sample.shape[0], _per_sample_numel(sample)), dtype=torch.float32)
-            return x0, sample.new_empty((0,), dtype=torch.float32)
-        return torch.empty_like(sample), torch.empty_like(sample)
-
-    @torch.library.register_fake("diffkern::ddim_step_cuda")
-    def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, final_alpha_cumprod, eta,
-          prediction_type, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output, guidance_scale,
-          x0_only=False):
-        return step_outputs(sample, x0_only)
-
-    @torch.library.register_fake("diffkern::ddpm_step_cuda")
-    def _(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type, prediction_type,
-          clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only=False):
-        return step_outputs(sample, x0_only)
-
-    @torch.library.register_fake("diffkern::group_norm_silu_fwd_cuda")
-    def _(x, weight, bias, num_groups, eps, split=0):
-        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-        return torch.empty_like(x), stats, torch.empty_like(stats)
-
-    @torch.library.register_fake("diffkern::group_norm_silu_bwd_cuda")
-    def _(grad_out, x, weight, bias, mean, rstd, num_groups, split=0):
-        channels = x.shape[1]
-        dweight = x.new_empty((channels if weight is not None else 0,), dtype=torch.float32)
-        dbias = x.new_empty((channels if bias is not None else 0,), dtype=torch.float32)
-        return torch.empty_like(x), dweight, dbias
-
-    _fakes_registered = True
 
 
 @C.float64_runs_reference(add_noise_reference, dtype_from=0)

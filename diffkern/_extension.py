@@ -58,15 +58,17 @@ __all__ = ["CUDA_OPS", "ExtensionUnavailable", "load", "status", "build", "find_
 
 logger = logging.getLogger("diffkern")
 
-#: The ops the library must register, under ``torch.ops.diffkern`` (schemas and kernels live in csrc/).
-CUDA_OPS = (
-    "add_noise_cuda",
-    "ddim_step_cuda",
-    "ddpm_step_cuda",
-    "group_norm_silu_fwd_cuda",
-    "group_norm_silu_bwd_cuda",
-)
 NAMESPACE = "diffkern"
+
+
+def __getattr__(name: str):
+    """``CUDA_OPS``: the ops whose kernels the library must register under ``torch.ops.diffkern``, from the ops'
+    declarations (``diffkern/ops/_declaration.py``, which also holds their schemas)."""
+    if name == "CUDA_OPS":
+        from diffkern.ops import _declaration
+
+        return tuple(op.name for op in _declaration.cuda_ops())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The oldest torch whose stable ABI the library targets (``-DTORCH_TARGET_VERSION``).
 TORCH_TARGET = (2, 10)
@@ -87,6 +89,9 @@ NVCC_FLAGS = (
     "-Xptxas=-Werror",  # ptxas warnings
 )
 CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror")
+#: Force-included into every host compile (csrc/, next to the sources): keeps the library's glibc symbol
+#: versions within manylinux_2_28 (see the header). setup.py relies on this build adding it.
+GLIBC_COMPAT_HEADER = "glibc_compat.h"
 
 LIBRARY_NAME = "_C"  # the extension module name inside the package: diffkern/_C.abi3.so
 BUILD_INFO_NAME = "_build_info.json"
@@ -428,13 +433,16 @@ def _write_ninja_file(build_dir: Path, sources: Sequence[Path], toolkit: Toolkit
     cxx = _find_cxx()
     defines = ["-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={torch_target_version_macro()}"]
     includes = ["-isystem", str(torch_include), "-isystem", str(toolkit.include_dir)]
-    nvcc_flags = list(NVCC_FLAGS) + defines + includes + [a.gencode() for a in archs]
+    compat = Path(sources[0]).resolve().parent / GLIBC_COMPAT_HEADER
+    forced_nvcc = ["--pre-include", str(compat)] if compat.is_file() else []
+    forced_cxx = ["-include", str(compat)] if compat.is_file() else []
+    nvcc_flags = list(NVCC_FLAGS) + forced_nvcc + defines + includes + [a.gencode() for a in archs]
     if toolkit.cross_major:
         # Fatbinary compression formats are newer than some drivers of the older major; store plainly.
         nvcc_flags.append("--no-compress")
     if os.environ.get("CXX"):
         nvcc_flags += ["-ccbin", cxx]
-    cxx_flags = list(CXX_FLAGS) + defines + includes
+    cxx_flags = list(CXX_FLAGS) + forced_cxx + defines + includes
     # -l:<soname> links the runtime by file name: wheels of the CUDA runtime ship no libcudart.so symlink.
     # -ldl: kernels may resolve CUDA-only torch functions with dlsym (in libdl before glibc 2.34).
     ldflags = ["-shared", f"-L{torch_lib}", f"-L{toolkit.lib_dir}", "-ltorch_cpu", "-lc10",
@@ -706,15 +714,19 @@ def _dlopen(path: str, flags: int) -> int:
     return handle
 
 
-def _registered_ops(torch) -> Dict[str, bool]:
-    """For each of CUDA_OPS that exists: whether it has a CUDA kernel."""
-    found = {}
-    for op in CUDA_OPS:
-        try:
-            found[op] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "CUDA"))
-        except RuntimeError:  # the operator does not exist
-            continue
-    return found
+def _registered_ops(torch, dispatch_key: str = "CUDA") -> Dict[str, bool]:
+    """For each of CUDA_OPS: whether a kernel for ``dispatch_key`` is registered (defines the schemas first)."""
+    from diffkern.ops import _declaration
+
+    _declaration.define_cuda_ops()
+    return {op.name: bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op.name}", dispatch_key))
+            for op in _declaration.cuda_ops()}
+
+
+def _kernels_registered(torch) -> bool:
+    """Whether a library has registered the ops' kernels already: the real one (CUDA) or the host emulation of
+    tests/cuda_emulation (CPU)."""
+    return any(_registered_ops(torch, "CUDA").values()) or any(_registered_ops(torch, "CPU").values())
 
 
 def _cudart_search_dirs(info: dict) -> List[Path]:
@@ -785,7 +797,7 @@ def _open_library(path: Path, info: dict) -> int:
     except OSError as exc:
         raise ExtensionUnavailable(f"cannot load {path}: {exc}") from exc
     registered = _registered_ops(torch)
-    problems = [op for op in CUDA_OPS if not registered.get(op)]
+    problems = [op for op, has_kernel in registered.items() if not has_kernel]
     if problems:
         raise ExtensionUnavailable(
             f"{path} loaded but did not register a CUDA kernel for "
@@ -862,7 +874,7 @@ def _load_prebuilt(path: Path, torch) -> Optional[str]:
     try:
         _state.handle = _open_library(path, info)
     except ExtensionUnavailable as exc:
-        if _registered_ops(torch):
+        if _kernels_registered(torch):
             raise  # it is (partly) loaded: nothing else may be opened for the namespace now
         return f"prebuilt {exc}"  # dlopen failed before any registration ran: the JIT path may try
     _state.info = info
@@ -923,7 +935,7 @@ def _load_locked() -> None:
 
     if getattr(torch.version, "hip", None):
         raise ExtensionUnavailable(f"torch {torch.__version__} is a ROCm build; the extension is CUDA-only")
-    if _registered_ops(torch):
+    if _kernels_registered(torch):
         # Someone else (torch.ops.load_library, another copy of diffkern) registered the ops: opening a
         # second library for the namespace would crash, and these ops are usable as they are.
         _state.loaded, _state.source = True, "external"

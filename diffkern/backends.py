@@ -29,46 +29,23 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from diffkern.ops import _declaration
+
 logger = logging.getLogger("diffkern")
 
 BACKENDS = ("reference", "triton", "cuda")
-OPS = ("add_noise", "ddim_step", "ddpm_step", "group_norm_silu")
 ENV_VAR = "DIFFKERN_BACKEND"
 
-# Fastest first, on CUDA tensors. The CUDA extension and Triton kernels are both single-pass and
-# bandwidth-bound; this order is the one measured in BENCHMARKS.md (re-decide it there, not at import).
-AUTO_PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "add_noise": ("cuda", "triton", "reference"),
-    "ddim_step": ("cuda", "triton", "reference"),
-    "ddpm_step": ("cuda", "triton", "reference"),
-    "group_norm_silu": ("cuda", "triton", "reference"),
-}
 
-# (backend, implementation name) -> "module:function". An op family may have several implementations
-# (group_norm_silu has a forward and a backward); every backend provides all of them.
-_IMPLEMENTATIONS: Dict[str, Dict[str, str]] = {
-    "reference": {
-        "add_noise": "diffkern.ops.add_noise:add_noise_reference",
-        "ddim_step": "diffkern.ops.ddim:ddim_step_reference",
-        "ddpm_step": "diffkern.ops.ddpm:ddpm_step_reference",
-        "group_norm_silu_forward": "diffkern.ops.group_norm_silu:group_norm_silu_forward_reference",
-        "group_norm_silu_backward": "diffkern.ops.group_norm_silu:group_norm_silu_backward_reference",
-    },
-    "triton": {
-        "add_noise": "diffkern.triton.add_noise:add_noise",
-        "ddim_step": "diffkern.triton.ddim:ddim_step",
-        "ddpm_step": "diffkern.triton.ddpm:ddpm_step",
-        "group_norm_silu_forward": "diffkern.triton.group_norm_silu:group_norm_silu_forward",
-        "group_norm_silu_backward": "diffkern.triton.group_norm_silu:group_norm_silu_backward",
-    },
-    "cuda": {
-        "add_noise": "diffkern._cuda_ops:add_noise",
-        "ddim_step": "diffkern._cuda_ops:ddim_step",
-        "ddpm_step": "diffkern._cuda_ops:ddpm_step",
-        "group_norm_silu_forward": "diffkern._cuda_ops:group_norm_silu_forward",
-        "group_norm_silu_backward": "diffkern._cuda_ops:group_norm_silu_backward",
-    },
-}
+def __getattr__(name: str):
+    """``OPS`` (the op names) and ``AUTO_PREFERENCE`` (op -> ``auto``'s order on CUDA tensors, fastest first),
+    derived from the ops' declarations (``diffkern/ops/_declaration.py``) on first access. The order is the one
+    measured in BENCHMARKS.md: re-decide it there, and write it in the op's declaration."""
+    if name == "OPS":
+        return tuple(d.name for d in _declaration.declarations())
+    if name == "AUTO_PREFERENCE":
+        return {d.name: d.auto_preference for d in _declaration.declarations()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -163,7 +140,7 @@ def _resolve(op: str, requested: str, device_type: str) -> str:
     elif device_type != "cuda":
         chosen = "reference"
     else:
-        preference = AUTO_PREFERENCE[op]
+        preference = _declaration.by_name(op).auto_preference
         chosen = next(name for name in preference if backend_status(name, device_type).available)
         if chosen != preference[0] and (op, chosen) not in _fallbacks_logged:
             _fallbacks_logged.add((op, chosen))
@@ -210,6 +187,6 @@ def implementation(backend: str, name: str) -> Callable:
     """The function implementing ``name`` (an op, or ``group_norm_silu_forward``/``_backward``) on ``backend``."""
     key = (backend, name)
     if key not in _impl_cache:
-        module_name, attr = _IMPLEMENTATIONS[backend][name].split(":")
+        module_name, attr = _declaration.per_backend(backend)[name].split(":")
         _impl_cache[key] = getattr(importlib.import_module(module_name), attr)
     return _impl_cache[key]

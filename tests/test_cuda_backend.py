@@ -448,11 +448,12 @@ def test_importing_the_backend_loads_nothing():
     code = textwrap.dedent("""
         import sys, torch
         import diffkern, diffkern._cuda_ops as cuda_ops
-        assert not cuda_ops._ready and not cuda_ops._fakes_registered
+        from diffkern.ops import _declaration
+        assert not cuda_ops._ready and not _declaration._defined
         ext = sys.modules.get("diffkern._extension")
         assert ext is None or not ext.status().get("loaded"), ext.status()
-        for name in cuda_ops.OP_NAMES:
-            assert not hasattr(torch.ops.diffkern, name), name
+        for op in _declaration.cuda_ops():
+            assert not hasattr(torch.ops.diffkern, op.name), op.name
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -475,14 +476,3 @@ def _cpu_calls():
 def test_cpu_tensors_are_refused_with_the_reason(op):
     with pytest.raises(diffkern.BackendUnavailableError, match="CUDA tensors"):
         _cpu_calls()[op]()
-
-
-def test_int_codes_cover_the_reference_names():
-    from diffkern import _cuda_ops
-    from diffkern.ops._common import PREDICTION_TYPES
-
-    assert sorted(_cuda_ops.PREDICTION_CODES) == sorted(PREDICTION_TYPES)
-    assert sorted(_cuda_ops.VARIANCE_CODES) == sorted(VARIANCE_TYPES)
-    # csrc/registration.cpp documents the same codes
-    assert [_cuda_ops.PREDICTION_CODES[p] for p in ("epsilon", "v_prediction", "sample")] == [0, 1, 2]
-    assert [_cuda_ops.VARIANCE_CODES[v] for v in VARIANCE_TYPES] == list(range(len(VARIANCE_TYPES)))

@@ -108,7 +108,9 @@ def test_build_is_incremental(built):
 def test_import_loads_nothing():
     code = textwrap.dedent("""
         import diffkern, diffkern._extension as ext, torch
-        assert not ext._registered_ops(torch), "CUDA ops registered at import"
+        from diffkern.ops import _declaration
+        assert not _declaration._defined, "CUDA op schemas defined at import"
+        assert not ext._kernels_registered(torch), "CUDA kernels registered at import"
         st = ext.status()
         assert st["loaded"] is False and st["source"] is None, st
         maps = open("/proc/self/maps").read()

@@ -20,11 +20,44 @@ import torch
 
 from diffkern import backends
 from diffkern.ops import _common as C
+from diffkern.ops._declaration import CudaOp, OpDeclaration
 
 
 class StepOutput(NamedTuple):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
+
+
+def step_cuda_outputs(sample: torch.Tensor, x0_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the CUDA step ops return, for their fake kernels: (prev_sample, pred_original_sample) like
+    ``sample``; with ``x0_only`` (the first pass of dynamic thresholding) x0 as float32 ``[B, n]`` and an empty
+    tensor."""
+    if x0_only:
+        x0 = sample.new_empty((sample.shape[0], sample[0].numel()), dtype=torch.float32)
+        return x0, sample.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+DECLARATION = OpDeclaration(
+    name="ddim_step",
+    implementations={
+        "reference": {"ddim_step": "diffkern.ops.ddim:ddim_step_reference"},
+        "triton": {"ddim_step": "diffkern.triton.ddim:ddim_step"},
+        "cuda": {"ddim_step": "diffkern._cuda_ops:ddim_step"},
+    },
+    # Codes: prediction_type as ``_declaration.PREDICTION_CODES``. threshold_scale: the per-sample dynamic
+    # thresholding scale s (float32 [B]); when given, x0 is clamped to [-s, s] and divided by s (clip_sample is
+    # then ignored, as in diffusers). x0_only: the first pass of dynamic thresholding: returns (x0 as float32
+    # [B, n] before any clipping, an empty tensor), ignoring noise, clipping and threshold_scale.
+    cuda_ops=(CudaOp("ddim_step_cuda",
+                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor timestep, "
+                     "Tensor prev_timestep, float final_alpha_cumprod, float eta, int prediction_type, "
+                     "bool clip_sample, float clip_sample_range, Tensor? threshold_scale, "
+                     "bool use_clipped_model_output, float? guidance_scale, bool x0_only=False) -> (Tensor, Tensor)",
+                     lambda model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, final_alpha_cumprod,
+                     eta, prediction_type, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output,
+                     guidance_scale, x0_only=False: step_cuda_outputs(sample, x0_only)),),
+)
 
 
 def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],

@@ -21,10 +21,29 @@ import torch
 
 from diffkern import backends
 from diffkern.ops import _common as C
-from diffkern.ops.ddim import StepOutput
+from diffkern.ops._declaration import CudaOp, OpDeclaration
+from diffkern.ops.ddim import StepOutput, step_cuda_outputs
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+DECLARATION = OpDeclaration(
+    name="ddpm_step",
+    implementations={
+        "reference": {"ddpm_step": "diffkern.ops.ddpm:ddpm_step_reference"},
+        "triton": {"ddpm_step": "diffkern.triton.ddpm:ddpm_step"},
+        "cuda": {"ddpm_step": "diffkern._cuda_ops:ddpm_step"},
+    },
+    # Codes: variance_type and prediction_type as ``_declaration``'s; threshold_scale and x0_only as DDIM's.
+    cuda_ops=(CudaOp("ddpm_step_cuda",
+                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor timestep, "
+                     "Tensor prev_timestep, int variance_type, int prediction_type, bool clip_sample, "
+                     "float clip_sample_range, Tensor? threshold_scale, float? guidance_scale, bool x0_only=False) "
+                     "-> (Tensor, Tensor)",
+                     lambda model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type,
+                     prediction_type, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only=False:
+                     step_cuda_outputs(sample, x0_only)),),
+)
 
 
 def ddpm_std(variance_type: str, posterior_variance: torch.Tensor, beta: torch.Tensor,

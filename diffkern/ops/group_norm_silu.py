@@ -29,6 +29,49 @@ from torch import nn
 
 from diffkern import backends
 from diffkern.ops import _common as C
+from diffkern.ops._declaration import CudaOp, OpDeclaration
+
+
+def _forward_cuda_fake(x, weight, bias, num_groups, eps, split=0):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _backward_cuda_fake(grad_out, x, weight, bias, mean, rstd, num_groups, split=0):
+    channels = x.shape[1]
+    dweight = x.new_empty((channels if weight is not None else 0,), dtype=torch.float32)
+    dbias = x.new_empty((channels if bias is not None else 0,), dtype=torch.float32)
+    return torch.empty_like(x), dweight, dbias
+
+
+DECLARATION = OpDeclaration(
+    name="group_norm_silu",
+    implementations={
+        "reference": {
+            "group_norm_silu_forward": "diffkern.ops.group_norm_silu:group_norm_silu_forward_reference",
+            "group_norm_silu_backward": "diffkern.ops.group_norm_silu:group_norm_silu_backward_reference",
+        },
+        "triton": {
+            "group_norm_silu_forward": "diffkern.triton.group_norm_silu:group_norm_silu_forward",
+            "group_norm_silu_backward": "diffkern.triton.group_norm_silu:group_norm_silu_backward",
+        },
+        "cuda": {
+            "group_norm_silu_forward": "diffkern._cuda_ops:group_norm_silu_forward",
+            "group_norm_silu_backward": "diffkern._cuda_ops:group_norm_silu_backward",
+        },
+    },
+    # split: the GroupNorm regime: 0 automatic, -1 fused (one block per group, NCHW, when the group fits in shared
+    # memory), k >= 1 each group (NCHW) or sample (channels-last) split into k slices. For tests and tuning; the
+    # cuda backend passes 0. The backward returns empty dweight/dbias when weight/bias are None.
+    cuda_ops=(
+        CudaOp("group_norm_silu_fwd_cuda",
+               "(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, int split=0) "
+               "-> (Tensor, Tensor, Tensor)", _forward_cuda_fake),
+        CudaOp("group_norm_silu_bwd_cuda",
+               "(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int num_groups, "
+               "int split=0) -> (Tensor, Tensor, Tensor)", _backward_cuda_fake),
+    ),
+)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -32,12 +32,12 @@ import triton
 import triton.language as tl
 
 from diffkern.ops import _common as C
+from diffkern.ops._declaration import PREDICTION_CODES
 
-# Prediction-type codes (constexpr parameters of the kernels).
-EPSILON = tl.constexpr(0)
-SAMPLE = tl.constexpr(1)
-V_PREDICTION = tl.constexpr(2)
-PREDICTION_CODES = {"epsilon": EPSILON.value, "sample": SAMPLE.value, "v_prediction": V_PREDICTION.value}
+# Prediction-type codes (constexpr parameters of the kernels), the ones the CUDA kernels take too.
+EPSILON = tl.constexpr(PREDICTION_CODES["epsilon"])
+SAMPLE = tl.constexpr(PREDICTION_CODES["sample"])
+V_PREDICTION = tl.constexpr(PREDICTION_CODES["v_prediction"])
 
 # Blocks are powers of two in [MIN_BLOCK, MAX_BLOCK] with 16 elements per thread once large enough (four
 # 16-byte vectors of fp32 per tensor); every size is a multiple of 4 * num_warps * 32.

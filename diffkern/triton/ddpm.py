@@ -29,17 +29,22 @@ import triton
 import triton.language as tl
 
 from diffkern.ops import _common as C
+from diffkern.ops._declaration import VARIANCE_CODES
 from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step_reference
 from diffkern.triton import _common as K
 
-FIXED_SMALL = tl.constexpr(0)
-FIXED_SMALL_LOG = tl.constexpr(1)
-FIXED_LARGE = tl.constexpr(2)  # and fixed_large_log: diffusers' NaN there is a bug, the intended std is sqrt(beta)
-LEARNED = tl.constexpr(3)
-LEARNED_RANGE = tl.constexpr(4)
-VARIANCE_CODES = {"fixed_small": FIXED_SMALL.value, "fixed_small_log": FIXED_SMALL_LOG.value,
-                  "fixed_large": FIXED_LARGE.value, "fixed_large_log": FIXED_LARGE.value,
-                  "learned": LEARNED.value, "learned_range": LEARNED_RANGE.value}
+# The variance-type codes every backend takes. fixed_large_log runs as fixed_large: diffusers' NaN there is a
+# bug, the intended std is sqrt(beta) (see ``_variance_code``).
+FIXED_SMALL = tl.constexpr(VARIANCE_CODES["fixed_small"])
+FIXED_SMALL_LOG = tl.constexpr(VARIANCE_CODES["fixed_small_log"])
+FIXED_LARGE = tl.constexpr(VARIANCE_CODES["fixed_large"])
+LEARNED = tl.constexpr(VARIANCE_CODES["learned"])
+LEARNED_RANGE = tl.constexpr(VARIANCE_CODES["learned_range"])
+
+
+def _variance_code(variance_type: str) -> int:
+    """The kernel's ``VARIANCE``: fixed_large_log computes as fixed_large, so one compiled variant serves both."""
+    return VARIANCE_CODES["fixed_large" if variance_type == "fixed_large_log" else variance_type]
 
 
 @triton.jit
@@ -111,4 +116,4 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
     else:
         K.check_flat_layout(model_output, sample, noise)
     return K.launch_step(_ddpm_step_kernel, model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
-                         dict(VARIANCE=VARIANCE_CODES[variance_type]), **step_options)
+                         dict(VARIANCE=_variance_code(variance_type)), **step_options)

@@ -102,13 +102,14 @@ def build(build_dir, *, source_dir=None, extra_flags: Sequence[str] = (), jobs: 
     obj_dir.mkdir(parents=True, exist_ok=True)
     flags: List[str] = [*CXX_FLAGS, f"-DTORCH_TARGET_VERSION={_extension.torch_target_version_macro()}",
                         "-isystem", str(torch_include), "-isystem", str(cuda_include), *extra_flags]
+    sources = _extension.source_files(source_dir)
+    # The flags and the source list: a removed source must leave the library too (a relink with what is left).
     stamp = build_dir / "command.txt"
-    command = "\n".join([cxx, *flags, str(source_dir), str(HOST_CUDA_H)])
+    command = "\n".join([cxx, *flags, str(source_dir), str(HOST_CUDA_H), *(s.name for s in sources)])
     if not stamp.is_file() or stamp.read_text() != command:
         for old in obj_dir.glob("*.o"):
             old.unlink()
         stamp.write_text(command)
-    sources = _extension.source_files(source_dir)
     headers = [HOST_CUDA_H, *(p for p in source_dir.iterdir() if p.suffix in (".cuh", ".h", ".hpp"))]
     objects = [obj_dir / f"{s.name}.o" for s in sources]
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
