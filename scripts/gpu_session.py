@@ -115,33 +115,33 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # What each stage runs
 
 # Stage correctness: one pytest -k expression over the test files below (in this order). It picks every op x
-# backend at the headline shapes and dtypes (SD latents, UNet GroupNorm shapes; fp32, fp16, bf16), the sampler
-# loop captured in a CUDA graph against the eager one, no host sync in a device-timestep loop, and the tensors
-# past 2^31 elements. The cuda backend's parameter ids are pytest's defaults (shape4 = (2, 4, 64, 64),
-# shape5 = (5, 3, 129, 131), case4 = (2, 320, 16x16, 32 groups), dtype1 = fp16).
+# backend at the headline shapes and dtypes (SD latents, UNet GroupNorm shapes; fp32, fp16, bf16), every step
+# option of the op files' case matrices on both fast backends (the GPU-only full option product, whose ids
+# carry "guided", is left to the suite), gradcheck on every backend, the sampler loop captured in a CUDA graph
+# against the eager one, no host sync in a device-timestep loop, and the tensors past 2^31 elements.
+# test_cuda_backend's parameter ids are pytest's defaults (case4 = (2, 320, 16x16, 32 groups), dtype1 = fp16).
 CORRECTNESS_FILES = ("tests/test_sampling.py", "tests/test_api.py", "tests/test_cuda_large.py",
-                     "tests/test_cuda_backend.py", "tests/test_triton_steps.py", "tests/test_triton_group_norm_silu.py")
+                     "tests/test_add_noise.py", "tests/test_ddim_step.py", "tests/test_ddpm_step.py",
+                     "tests/test_hard_edges.py", "tests/test_cuda_backend.py", "tests/test_triton_group_norm_silu.py")
 CORRECTNESS_K = " or ".join([
     "test_sampling",
     "test_device_timesteps_cause_no_host_sync",
     "test_auto_fallback_is_logged_once",
     "past_int32 or beyond_32_bit or past_2_to_the_31",
-    "(test_cuda_backend and ((test_add_noise and (shape4 or shape5)) or test_ddim_step_layouts"
-    " or test_ddpm_step_layouts or (test_ddim_step and epsilon) or (test_ddpm_step and epsilon and none)"
-    " or test_group_norm_silu_diffusion_shapes"
+    "((test_add_noise or test_ddim_step or test_ddpm_step) and (triton or cuda) and not guided)",
+    "(test_hard_edges and gradcheck)",
+    "(test_cuda_backend and (test_group_norm_silu_diffusion_shapes"
     " or (test_group_norm_silu_regimes and dtype1) or (test_group_norm_silu_forward_backward and case4)"
     " or test_cuda_graph_capture or test_torch_compile_fullgraph or test_fake_kernels or test_runs_on_the_current"
-    " or test_float64_runs_the_reference))",
-    "(test_triton_steps and (test_add_noise_matches_reference or channels_last or test_ddim_shapes"
-    " or test_ddpm_shapes or test_ddpm_no_noise_at_t0))",
+    " or test_float64))",
     "(test_triton_group_norm_silu and (test_matches_reference or test_module_matches"
     " or test_plan_for_stable_diffusion_shapes))",
 ])
 # The suite: every test file but this script's own dry-run test (CI's), the GPU-heavy ones first (the suite is
 # what the budget has left; the CPU-only build and emulation tests come last).
 SUITE_EXCLUDE = ("tests/test_gpu_session.py",)
-SUITE_FIRST = ("tests/test_cuda_backend.py", "tests/test_cuda_large.py", "tests/test_triton_steps.py",
-               "tests/test_triton_group_norm_silu.py", "tests/test_sampling.py", "tests/test_api.py",
+SUITE_FIRST = ("tests/test_cuda_backend.py", "tests/test_cuda_large.py", "tests/test_add_noise.py",
+               "tests/test_ddim_step.py", "tests/test_ddpm_step.py", "tests/test_triton_group_norm_silu.py", "tests/test_sampling.py", "tests/test_api.py",
                "tests/test_integrations.py")
 # The dry run: a few tests of one small, fast file, and the rest of that file as the suite.
 DRY_FILES = ("tests/test_testing.py",)

@@ -1,8 +1,8 @@
 """Helpers shared by the backend test files (imported as ``_helpers``: pytest puts ``tests/`` on ``sys.path``,
 as it does for ``conftest``).
 
-``run_both`` compares a fast backend with the reference on the same inputs; ``same_layout`` and ``in_layout``
-handle memory layouts; ``ddpm_model_output`` builds DDPM model outputs with a predicted variance;
+``run_both`` compares a fast backend with the reference on the same inputs; ``same_layout``, ``in_layout`` and
+``lay_out`` handle memory layouts; ``ddpm_model_output`` builds DDPM model outputs with a predicted variance;
 ``group_norm_silu_param_grad_sums`` gives float64 dweight/dbias of GroupNorm+SiLU with the size of their
 terms, for ``diffkern.testing.assert_close_sum``; ``check_large_mean_forward`` checks statistics that must not
 cancel.
@@ -28,6 +28,32 @@ def in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     if not channels_last:
         return t.contiguous()
     return t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.ndim])
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a contiguous view whose storage starts one element past an allocation (so no sample
+    starts on a 16-byte boundary): the kernels' scalar head/tail paths."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+LAYOUTS = ("contiguous", "channels_last", "misaligned")
+
+
+def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` in one of ``LAYOUTS`` (channels_last: 4-D and 5-D tensors; others stay contiguous)."""
+    if layout == "channels_last" and t.ndim in (4, 5):
+        return in_layout(t, channels_last=True)
+    if layout == "misaligned":
+        return misaligned(t)
+    return t.contiguous()
+
+
+def abar64(table: torch.Tensor, t: int, final: float = 1.0) -> float:
+    """abar at ``t`` as a Python float; ``final`` for t < 0 ("past the last step")."""
+    return float(table[t]) if t >= 0 else final
 
 
 def run_both(op, backend: str, *args, **kwargs):

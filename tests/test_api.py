@@ -219,3 +219,39 @@ def test_device_timesteps_cause_no_host_sync(randn, device):
         diffkern.ddim_step(m, 50, x, table, prev_timestep=40)   # python ints: torch.full, not a copy
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_fp32_rounded_once(randn, gen, dtype):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear")).float()
+    x, m, z = randn(2, 4, 3, 5, dtype=dtype), randn(2, 4, 3, 5, dtype=dtype), randn(2, 4, 3, 5, dtype=dtype)
+    t = torch.randint(1, 1000, (2,), generator=gen)
+
+    def each(fn, *tensors):
+        low, high = fn(*tensors), fn(*(u.float() for u in tensors))
+        for a, b in zip(low if isinstance(low, tuple) else (low,), high if isinstance(high, tuple) else (high,)):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+
+    each(lambda x, z: diffkern.add_noise(x, z, t, table), x, z)
+    each(lambda m, x, z: tuple(diffkern.ddim_step(m, t, x, table, prev_timestep=t - 10, eta=0.5, noise=z,
+                                                  thresholding=True)), m, x, z)
+    each(lambda m, x, z: tuple(diffkern.ddpm_step(m, t, x, table, noise=z, prediction_type="v_prediction")),
+         m, x, z)
+
+
+def test_triton_unavailable_on_cpu_without_interpreter(monkeypatch):
+    """CPU tensors without TRITON_INTERPRET=1: an explicit backend="triton" fails loudly, naming the reason."""
+    x = torch.randn(2, 3, 4)
+    table = TABLE.float()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends.clear_cache()
+    try:
+        for call in (lambda: diffkern.add_noise(x, x, 3, table, backend="triton"),
+                     lambda: diffkern.ddim_step(x, 3, x, table, prev_timestep=2, backend="triton"),
+                     lambda: diffkern.ddpm_step(x, 3, x, table, noise=x, backend="triton")):
+            with pytest.raises(diffkern.BackendUnavailableError, match="TRITON_INTERPRET"):
+                call()
+    finally:
+        monkeypatch.undo()
+        backends.clear_cache()

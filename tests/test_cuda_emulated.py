@@ -12,6 +12,7 @@ combinations). Skipped only when there is no C++ compiler or no CUDA runtime hea
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +45,23 @@ def emulated_library(tmp_path_factory):
     library = builder.build(build_dir)
     print(f"\nbuilt the host-emulated CUDA extension in {time.perf_counter() - start:.1f} s: {library}")
     return library
+
+
+def test_op_tests_pass_on_the_emulated_cuda_backend(emulated_library):
+    """The op test files' cuda-backend cases (``fast_backend``/``any_backend`` = cuda), run in a pytest of their
+    own (a process holds one library defining the diffkern kernels) with the emulated library as the cuda
+    backend; ``conftest`` selects exactly those cases. Select further with ``-k`` in that run, e.g.
+    ``DIFFKERN_TEST_EMULATED_CUDA=<library> pytest tests/ -k ddim``."""
+    env = dict(os.environ, DIFFKERN_TEST_SEED=str(BASE_SEED), DIFFKERN_TEST_EMULATED_CUDA=str(emulated_library))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).parent), "-q", "-p", "no:cacheprovider",
+                           "--ignore", __file__], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, timeout=900, cwd=Path(__file__).parent.parent)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    print(f"\nran the op tests on the emulated cuda backend in {time.perf_counter() - start:.1f} s: {last}")
+    assert proc.returncode == 0, proc.stdout[-30000:]   # pytest exits 5 when it selected nothing
+    passed = re.search(r"(\d+) passed", last)
+    assert passed and int(passed.group(1)) > 0, last
 
 
 def test_kernels_match_the_reference_under_host_emulation(emulated_library):

@@ -17,14 +17,9 @@ from diffkern.schedules import NoiseSchedule
 
 from _helpers import run_both
 
+from conftest import usable_backend
+
 TABLE = diffkern.alphas_cumprod(diffkern.make_betas("linear", 100))
-STEP_BACKENDS = ["reference", "triton", "cuda"]
-
-
-def usable(backend: str, device: torch.device) -> None:
-    status = backends.backend_status(backend, device.type)
-    if not status.available:
-        pytest.skip(f"{backend} cannot run on {device.type} tensors here: {status.reason}")
 
 
 # ------------------------------------------------------------------------------------------------- autograd
@@ -42,10 +37,9 @@ DDIM_GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("case", list(DDIM_GRAD_CASES))
-def test_ddim_step_gradcheck(randn, device, backend, case):
-    usable(backend, device)
+def test_ddim_step_gradcheck(randn, device, any_backend, case):
+    backend = any_backend
     options = dict(DDIM_GRAD_CASES[case])
     batch = 2
     out_batch = 2 * batch if "guidance_scale" in options else batch
@@ -75,10 +69,9 @@ DDPM_GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("case", list(DDPM_GRAD_CASES))
-def test_ddpm_step_gradcheck(randn, device, backend, case):
-    usable(backend, device)
+def test_ddpm_step_gradcheck(randn, device, any_backend, case):
+    backend = any_backend
     options = dict(DDPM_GRAD_CASES[case])
     batch, channels = 2, 3
     learned = options["variance_type"] in ("learned", "learned_range")
@@ -100,9 +93,8 @@ def test_ddpm_step_gradcheck(randn, device, backend, case):
     assert torch.autograd.gradcheck(step, (model_output, sample, noise))
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
-def test_add_noise_gradcheck(randn, device, backend):
-    usable(backend, device)
+def test_add_noise_gradcheck(randn, device, any_backend):
+    backend = any_backend
     x0 = randn(3, 2, 5, 3, dtype=torch.float64).requires_grad_()
     noise = randn(3, 2, 5, 3, dtype=torch.float64).requires_grad_()
     t = torch.tensor([0, 50, 99], device=device)
@@ -115,10 +107,9 @@ def test_add_noise_gradcheck(randn, device, backend):
     assert torch.autograd.gradcheck(noised, (x0, noise))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_fast_backend_gradients_equal_the_references_in_float32(randn, device, backend):
+def test_fast_backend_gradients_equal_the_references_in_float32(randn, device, fast_backend):
     """The fast backends' custom ops carry the same backward in the dtypes their kernels compute."""
-    usable(backend, device)
+    backend = fast_backend
     model_output, sample = randn(4, 3, 4, 4), randn(2, 3, 4, 4)
     grad_prev, grad_x0 = randn(2, 3, 4, 4), randn(2, 3, 4, 4)
 
@@ -164,11 +155,10 @@ def test_sampling_loop_is_differentiable(randn, device):
 
 # ------------------------------------------------------------------------------------------------- layouts
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_size_one_dimension_strides_do_not_matter(randn, device, backend):
+def test_size_one_dimension_strides_do_not_matter(randn, device, any_backend):
     """A channels_last conv with one output channel gives strides (HW, 1, W, 1); contiguous latents have
     (HW, HW, W, 1). Both address every element at the same offset."""
-    usable(backend, device)
+    backend = any_backend
     sample = randn(2, 1, 8, 8)
     model_output = torch.empty_strided((2, 1, 8, 8), (64, 1, 8, 1), device=device).copy_(randn(2, 1, 8, 8))
     assert model_output.stride() != sample.stride()
@@ -272,9 +262,8 @@ def test_options_of_a_disabled_mode_are_not_validated(randn):
 
 # ------------------------------------------------------------------------------------------------- empty input
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_thresholding_with_an_empty_batch_returns_empty_outputs(device, backend):
-    usable(backend, device)
+def test_thresholding_with_an_empty_batch_returns_empty_outputs(device, any_backend):
+    backend = any_backend
     empty = torch.empty(0, 3, 4, 4, device=device)
     for step in (diffkern.ddim_step, diffkern.ddpm_step):
         kwargs = dict(prev_timestep=torch.empty(0, dtype=torch.int64, device=device))
@@ -305,7 +294,7 @@ def test_constructors_name_the_bad_argument(argument, error, call):
 def test_last_backend_is_per_thread(randn, device):
     """Thread A runs add_noise on Triton, then thread B on the reference, then A asks what it ran: its own
     backend, whatever B did in between (the order is forced with events, so the test is deterministic)."""
-    usable("triton", device)
+    usable_backend("triton", device)
     x, z = randn(2, 3, 4, 4), randn(2, 3, 4, 4)
     a_ran, b_ran = threading.Event(), threading.Event()
     seen = {}

@@ -6,7 +6,7 @@ the same normalised arguments (the backend contract):
 
 - samples: dense tensors with identical strides and the batch dimension outermost, so each sample is one
   contiguous run of ``numel // B`` elements in storage order (NCHW and channels_last both qualify);
-- ``alphas_cumprod``: float32, 1-D ``[T]``, on the samples' device (float64 for float64 samples, which the
+- ``alphas_cumprod``: float32, contiguous 1-D ``[T]``, on the samples' device (float64 for float64 samples, which the
   fast backends hand to the reference);
 - timesteps: int64 ``[1]`` (shared by the batch) or ``[B]`` (per sample) on the samples' device. Python ints
   become a one-element tensor with ``torch.full`` (a fill kernel: no host-to-device copy, so no sync).
@@ -159,9 +159,10 @@ def _first(values: torch.Tensor, where: torch.Tensor) -> int:
 
 def prepare_table(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The table on ``sample``'s device in float32 (float64 for float64 samples, so that their
-    coefficients are float64 too); a no-op for a float32 table already there (the fast path)."""
+    coefficients are float64 too), contiguous; a no-op for a contiguous float32 table already there (the fast
+    path)."""
     dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    return alphas_cumprod.to(device=sample.device, dtype=dtype)
+    return alphas_cumprod.to(device=sample.device, dtype=dtype).contiguous()
 
 
 def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, device: torch.device, *,
@@ -199,14 +200,14 @@ def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, 
 
 
 def prepare_timesteps(timesteps: TimestepLike, device: torch.device) -> torch.Tensor:
-    """int64 ``[1]`` or ``[B]`` on ``device`` without a host sync."""
+    """Contiguous int64 ``[1]`` or ``[B]`` on ``device`` without a host sync."""
     if isinstance(timesteps, int):
         return torch.full((1,), timesteps, dtype=torch.int64, device=device)
     if timesteps.device.type == "cpu" and timesteps.numel() == 1 and device.type != "cpu" \
             and not torch.compiler.is_compiling():
         # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
         return torch.full((1,), int(timesteps.reshape(())), dtype=torch.int64, device=device)
-    return timesteps.reshape(-1).to(device=device, dtype=torch.int64)
+    return timesteps.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
 
 
 def is_batch_outer_dense(t: torch.Tensor) -> bool:

@@ -1,12 +1,14 @@
-"""Runs the cuda backend's ops, host-emulated, against the reference backend: the real kernels of csrc/ (built by
-``build.py`` into a library whose ops take CPU tensors) through diffkern's CUDA-backend wrappers
-(``diffkern/_cuda_ops.py``; the GroupNorm regimes through the raw ops, which take the ``split`` argument),
-compared with ``diffkern.testing.assert_close`` and, for dweight/dbias, ``assert_close_sum``.
+"""Runs the host-emulated GroupNorm+SiLU kernels against the reference backend: the real kernels of csrc/ (built
+by ``build.py`` into a library whose ops take CPU tensors) through diffkern's CUDA-backend wrappers
+(``diffkern/_cuda_ops.py``; the regimes through the raw ops, which take the ``split`` argument), compared with
+``diffkern.testing.assert_close`` and, for dweight/dbias, ``assert_close_sum``; and calls from several host
+threads.
 
-Covers every op, dtype (float32, float16, bfloat16) and layout (contiguous, channels-last, misaligned storage),
-per-sample and shared timesteps, every prediction and variance type, clipping, dynamic thresholding, guidance,
-eta, and every GroupNorm regime (fused, split over channels or pixels, vector and scalar paths, automatic
-choice on emulated devices of several sizes). ``--quick`` keeps one case per combination that matters.
+Covers every dtype (float32, float16, bfloat16) and layout (contiguous, channels-last, misaligned storage) and
+every GroupNorm regime (fused, split over channels or pixels, vector and scalar paths, automatic choice on
+emulated devices of several sizes). ``--quick`` keeps one case per combination that matters. The steps and
+add_noise are not here: their op test files run on the emulated library as the cuda backend
+(tests/test_cuda_emulated.py).
 
 Must run in its own process: the emulated library defines the diffkern ops, which the real extension defines
 too (a process can hold only one of them). Inputs are random and fresh each run: the seed is printed, and
@@ -35,11 +37,8 @@ sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]  # the repository (di
 
 import torch  # noqa: E402
 
-from _helpers import (check_large_mean_forward, check_param_grads, ddpm_model_output,  # noqa: E402
+from _helpers import (check_large_mean_forward, check_param_grads,  # noqa: E402
                       group_norm_silu_param_grad_sums, same_layout)
-from diffkern.ops.add_noise import add_noise_reference  # noqa: E402
-from diffkern.ops.ddim import ddim_step_reference  # noqa: E402
-from diffkern.ops.ddpm import ddpm_step_reference  # noqa: E402
 from diffkern.ops.group_norm_silu import (  # noqa: E402
     group_norm_silu_backward_reference,
     group_norm_silu_forward_reference,
@@ -97,128 +96,9 @@ def compare(got, want, like: torch.Tensor, what: str) -> None:
 # add_noise
 
 
-def add_noise_cases(quick: bool) -> List[Case]:
-    from diffkern import _cuda_ops as K
-
-    def case(dtype, shape, layout, timesteps):
-        def run(gen):
-            draw = Draw(gen)
-            x = lay_out(draw(*shape, dtype=dtype), layout)
-            noise = lay_out(draw(*shape, dtype=dtype), layout)
-            if timesteps == "shared":
-                t = torch.randint(0, 1000, (1,), generator=gen)
-            elif timesteps == "per-sample":
-                t = torch.randint(0, 1000, (shape[0],), generator=gen)
-            else:  # out of the table's range: clamped
-                t = torch.tensor([-5, 5000, 999][:shape[0]])
-            compare(K.add_noise(x, noise, TABLE, t), add_noise_reference(x, noise, TABLE, t), x, "add_noise")
-        return (f"add_noise {dtype} {shape} {layout} t={timesteps}", run)
-
-    cases = []
-    for dtype, layout in itertools.product(DTYPES, ["contiguous", "channels_last", "misaligned"]):
-        kinds = ["per-sample"] if quick else ["shared", "per-sample", "clamped"]
-        for kind in kinds:
-            cases.append(case(dtype, (3, 5, 3, 7), layout, kind))
-        if not quick:
-            cases.append(case(dtype, (2, 3, 4, 5, 6), layout, "per-sample"))
-            if layout != "channels_last":  # no channels-last form of a 2-D tensor
-                cases.append(case(dtype, (1, 1), layout, "shared"))
-        cases.append(case(dtype, (2, 1, 1, 1003), layout, "clamped"))  # long rows: vector body, head, tail
-    return cases
-
-
-# ------------------------------------------------------------------------------------------------------------
-# DDIM and DDPM
-
-def _step_timesteps(batch: int, kind: str):
-    if kind == "per-sample":
-        t = torch.tensor([999, 20, 500][:batch])
-        return t, torch.tensor([-1, 0, 480][:batch])  # -1: final_alpha_cumprod
-    t = torch.tensor([500])
-    return t, t - 20
-
-
-def ddim_cases(quick: bool) -> List[Case]:
-    from diffkern import _cuda_ops as K
-
-    def case(dtype, pred, guided, eta, clip, use_clipped, layout, timesteps, shape=(2, 3, 5, 6)):
-        def run(gen):
-            draw = Draw(gen)
-            batch = shape[0]
-            model_output = lay_out(draw(batch * (2 if guided else 1), *shape[1:], dtype=dtype), layout)
-            sample = lay_out(draw(*shape, dtype=dtype, scale=1.5), layout)
-            noise = lay_out(draw(*shape, dtype=dtype), layout) if eta > 0 else None
-            t, prev_t = _step_timesteps(batch, timesteps)
-            kwargs = dict(final_alpha_cumprod=0.9991, eta=eta, prediction_type=pred, clip_sample=clip == "clip",
-                          clip_sample_range=1.0, thresholding=clip == "threshold", dynamic_thresholding_ratio=0.9,
-                          sample_max_value=1.5, use_clipped_model_output=use_clipped,
-                          guidance_scale=7.5 if guided else None)
-            got = K.ddim_step(model_output, sample, noise, TABLE, t, prev_t, **kwargs)
-            want = ddim_step_reference(model_output, sample, noise, TABLE, t, prev_t, **kwargs)
-            compare(got, want, sample, "ddim_step")
-        return (f"ddim {dtype} {pred} guided={guided} eta={eta} {clip} use_clipped={use_clipped} {layout} "
-                f"t={timesteps} {shape}", run)
-
-    cases = []
-    for dtype in DTYPES:
-        for pred in PREDICTIONS:
-            cases.append(case(dtype, pred, False, 0.0, "none", False, "contiguous", "per-sample"))
-            cases.append(case(dtype, pred, True, 1.0, "clip", True, "channels_last", "per-sample"))
-            cases.append(case(dtype, pred, True, 0.5, "threshold", False, "misaligned", "shared"))
-            if not quick:
-                cases.append(case(dtype, pred, False, 0.0, "threshold", True, "channels_last", "per-sample"))
-                cases.append(case(dtype, pred, False, 1.0, "clip", False, "misaligned", "per-sample"))
-                cases.append(case(dtype, pred, True, 0.0, "none", True, "contiguous", "shared"))
-        cases.append(case(dtype, "epsilon", False, 0.3, "none", False, "contiguous", "shared", shape=(3, 4, 8, 8)))
-        cases.append(case(dtype, "epsilon", True, 0.0, "clip", False, "contiguous", "shared", shape=(1, 1, 1, 9)))
-        if not quick:
-            cases.append(case(dtype, "v_prediction", True, 0.7, "threshold", False, "channels_last", "per-sample",
-                              shape=(2, 3, 2, 4, 5)))
-    return cases
-
-
-def ddpm_cases(quick: bool) -> List[Case]:
-    from diffkern import _cuda_ops as K
-
-    def case(dtype, variance, pred, guided, noise_on, clip, layout, t_list, shape=(2, 3, 5, 6)):
-        def run(gen):
-            draw = Draw(gen)
-            model_output = lay_out(ddpm_model_output(draw, shape, variance, dtype, guided), layout)
-            sample = lay_out(draw(*shape, dtype=dtype), layout)
-            noise = lay_out(draw(*shape, dtype=dtype), layout) if noise_on else None
-            t = torch.tensor(t_list[:shape[0]])
-            kwargs = dict(variance_type=variance, prediction_type=pred, clip_sample=clip == "clip",
-                          clip_sample_range=1.0, thresholding=clip == "threshold", dynamic_thresholding_ratio=0.9,
-                          sample_max_value=2.0, guidance_scale=3.0 if guided else None)
-            got = K.ddpm_step(model_output, sample, noise, TABLE, t, t - 1, **kwargs)
-            want = ddpm_step_reference(model_output, sample, noise, TABLE, t, t - 1, **kwargs)
-            compare(got, want, sample, "ddpm_step")
-        return (f"ddpm {dtype} {variance} {pred} guided={guided} noise={noise_on} {clip} {layout} t={t_list} "
-                f"{shape}", run)
-
-    cases = []
-    for dtype in DTYPES:
-        for i, variance in enumerate(VARIANCES):
-            learned = variance.startswith("learned")
-            # A learned variance needs contiguous tensors (the op's contract); the others take every layout.
-            other = "misaligned" if learned else "channels_last"
-            combos = [("epsilon", False, True, "clip", "contiguous", [500, 0]),
-                      ("v_prediction", True, True, "none", other, [999, 3]),
-                      ("sample", True, True, "threshold", "contiguous", [0, 700])]
-            if quick:  # every variance type; the prediction types and options rotate over them
-                combos = [combos[i % 3]]
-            for pred, guided, noise_on, clip, layout, t_list in combos:
-                cases.append(case(dtype, variance, pred, guided, noise_on, clip, layout, t_list))
-        cases.append(case(dtype, "fixed_small", "epsilon", False, False, "clip", "channels_last", [400, 1]))
-        cases.append(case(dtype, "learned_range", "epsilon", True, False, "threshold", "contiguous", [400, 1]))
-        if not quick:
-            cases.append(case(dtype, "fixed_small", "epsilon", False, True, "none", "misaligned", [400],
-                              shape=(1, 2, 1, 17)))
-    return cases
-
-
 # ------------------------------------------------------------------------------------------------------------
 # GroupNorm + SiLU
+
 
 def _gn_check(x, dy, weight, bias, groups, split, what):
     ops = torch.ops.diffkern
@@ -388,7 +268,7 @@ def thread_cases(quick: bool) -> List[Case]:
 
 
 def all_cases(quick: bool) -> List[Case]:
-    return add_noise_cases(quick) + ddim_cases(quick) + ddpm_cases(quick) + gn_cases(quick) + thread_cases(quick)
+    return gn_cases(quick) + thread_cases(quick)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,259 @@
+"""ddpm_step: the reference against float64 math and diffusers' DDPMScheduler, and every fast backend against the
+reference over one case matrix (``DDPM_CASES`` x variance types), shapes and layouts (see test_ddim_step.py for
+how the fast-backend tests run)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import diffkern
+from _helpers import LAYOUTS, abar64, ddpm_model_output, lay_out, run_both
+from conftest import ON_GPU
+from diffkern import backends
+from diffkern.ops.ddpm import VARIANCE_TYPES
+from diffkern.schedules import NoiseSchedule
+from diffkern.testing import assert_close
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NUM_TRAIN = 1000
+SHAPES = [(1, 1), (3, 1), (1, 4, 5, 7), (3, 3, 11, 13), (2, 3, 41, 37)]
+if ON_GPU:
+    SHAPES += [(4, 4, 64, 64), (3, 4, 129, 131)]
+
+# The case matrix (with fixed_small; the variance types have their own test).
+DDPM_CASES = {
+    "epsilon-clip": dict(),
+    "v_prediction-noclip": dict(prediction_type="v_prediction", clip_sample=False),
+    "sample-clip-range": dict(prediction_type="sample", clip_sample_range=0.5),
+    "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=3.0),
+    "guidance-thresholding-v": dict(guidance_scale=6.0, thresholding=True, prediction_type="v_prediction"),
+    # The public op draws noise whenever some t > 0, so "no noise" (noise=None to the kernel) means t = 0.
+    "no-noise-t0": dict(noise=False),
+}
+if ON_GPU:  # the full product, where kernels run at full speed
+    for variance, prediction, guided, post in itertools.product(
+            VARIANCE_TYPES, ("epsilon", "v_prediction", "sample"), (False, True), ("none", "clip", "threshold")):
+        DDPM_CASES[f"{variance}-{prediction}-guided{guided}-{post}"] = dict(
+            variance_type=variance, prediction_type=prediction, guidance_scale=4.0 if guided else None,
+            clip_sample=post == "clip", thresholding=post == "threshold", dynamic_thresholding_ratio=0.9,
+            sample_max_value=2.0)
+
+
+@pytest.fixture(scope="module")
+def schedule() -> NoiseSchedule:
+    return NoiseSchedule.from_name("scaled_linear", NUM_TRAIN, 0.00085, 0.012)
+
+
+@pytest.fixture
+def table(schedule, device) -> torch.Tensor:
+    return schedule.table(device)
+
+
+def ddpm_inputs(shape, dtype, variance_type, options, randn, gen, device, layout="contiguous"):
+    """(model_output, timestep, sample, kwargs) for ``ddpm_step``: per-sample t with t = 0 for sample 0 and
+    given noise; or, with ``noise=False`` in ``options``, t = 0 for all (the public op then passes no noise)."""
+    options = dict(options)
+    variance_type = options.pop("variance_type", variance_type)
+    batch = shape[0]
+    guided = options.get("guidance_scale") is not None
+    model_output = lay_out(ddpm_model_output(randn, shape, variance_type, dtype, guided), layout)
+    sample = lay_out(randn(*shape, dtype=dtype), layout)
+    if options.pop("noise", True):
+        options["noise"] = lay_out(randn(*shape, dtype=dtype), layout)
+        timestep = torch.randint(0, NUM_TRAIN, (batch,), generator=gen).to(device)
+        timestep[0] = 0
+    else:
+        timestep = 0
+    return model_output, timestep, sample, dict(options, variance_type=variance_type)
+
+
+# ------------------------------------------------------------------------------------------------- reference
+
+def ddpm64(model_output, sample, noise, a, a_prev, t, *, variance_type="fixed_small", prediction_type="epsilon",
+           clip=None, predicted_variance=None):
+    """DDPM written out once more, in float64, for one sample with scalar coefficients."""
+    x, m = sample.double(), model_output.double()
+    alpha, beta = a / a_prev, 1 - a / a_prev
+    if prediction_type == "epsilon":
+        x0 = (x - math.sqrt(1 - a) * m) / math.sqrt(a)
+    elif prediction_type == "sample":
+        x0 = m
+    else:
+        x0 = math.sqrt(a) * x - math.sqrt(1 - a) * m
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    prev = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(alpha) * (1 - a_prev) / (1 - a) * x
+    if t > 0:
+        v = max((1 - a_prev) / (1 - a) * beta, 1e-20)
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            std = math.sqrt(v)
+        elif variance_type in ("fixed_large", "fixed_large_log"):
+            std = math.sqrt(beta)
+        elif variance_type == "learned":
+            std = predicted_variance.double().sqrt()
+        else:
+            f = (predicted_variance.double() + 1) / 2
+            std = torch.exp(0.5 * (f * math.log(beta) + (1 - f) * math.log(v)))
+        prev = prev + std * noise.double()
+    return prev, x0
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+def test_reference_matches_float64_formula(randn, gen, variance_type):
+    dtype = torch.float64
+    table = diffkern.alphas_cumprod(diffkern.make_betas("squaredcos_cap_v2"))
+    learned = variance_type.startswith("learned")
+    x, z = randn(4, 2, 3, 3, dtype=dtype), randn(4, 2, 3, 3, dtype=dtype)
+    m = randn(4, 4 if learned else 2, 3, 3, dtype=dtype)
+    if variance_type == "learned":
+        m[:, 2:] = m[:, 2:].abs() * 0.01
+    t = torch.tensor([0, 1, int(torch.randint(2, 999, (1,), generator=gen)), 999])
+    out = diffkern.ddpm_step(m, t, x, table, noise=z, variance_type=variance_type, clip_sample=False,
+                             backend="reference")
+    for i in range(4):
+        a, a_prev = abar64(table, int(t[i])), abar64(table, int(t[i]) - 1)
+        pv = m[i, 2:] if learned else None
+        prev64, x064 = ddpm64(m[i, :2], x[i], z[i], a, a_prev, int(t[i]), variance_type=variance_type,
+                              predicted_variance=pv)
+        assert_close(out.prev_sample[i], prev64, msg=f"t={int(t[i])}")
+        assert_close(out.pred_original_sample[i], x064)
+
+
+@pytest.mark.parametrize("variance_type", [v for v in VARIANCE_TYPES if v != "fixed_large_log"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("postprocess", ["none", "clip", "threshold"])
+def test_reference_matches_diffusers(randn, variance_type, prediction_type, postprocess):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install diffusers")
+    sched = diffusers.DDPMScheduler(beta_schedule="linear", variance_type=variance_type,
+                                    prediction_type=prediction_type, clip_sample=postprocess == "clip",
+                                    clip_sample_range=1.5, thresholding=postprocess == "threshold",
+                                    sample_max_value=2.0)
+    channels = 3
+    out_channels = 2 * channels if variance_type.startswith("learned") else channels
+    x = randn(2, channels, 5, 5, scale=1.5)
+    m = randn(2, out_channels, 5, 5)
+    if variance_type == "learned":
+        m[:, channels:] = m[:, channels:].abs() * 0.01  # a variance must be positive
+    for t in (999, 500, 1, 0):
+        theirs = sched.step(m, t, x, generator=torch.Generator().manual_seed(t))
+        ours = diffkern.ddpm_step(m, t, x, sched.alphas_cumprod, generator=torch.Generator().manual_seed(t),
+                                  variance_type=variance_type, prediction_type=prediction_type,
+                                  clip_sample=postprocess == "clip", clip_sample_range=1.5,
+                                  thresholding=postprocess == "threshold", sample_max_value=2.0,
+                                  backend="reference")
+        assert_close(ours.prev_sample, theirs.prev_sample, msg=f"t={t}")
+        assert_close(ours.pred_original_sample, theirs.pred_original_sample, msg=f"t={t}")
+
+
+def test_fixed_large_log_is_finite_unlike_diffusers(randn):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install diffusers")
+    sched = diffusers.DDPMScheduler(variance_type="fixed_large_log")
+    x, m = randn(1, 2, 3, 3), randn(1, 2, 3, 3)
+    assert torch.isnan(sched.step(m, 500, x, generator=torch.Generator().manual_seed(0)).prev_sample).all()
+    ours = diffkern.ddpm_step(m, 500, x, sched.alphas_cumprod, variance_type="fixed_large_log",
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(ours.prev_sample).all()
+
+
+def test_prev_timestep_default_and_spacing(randn):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear"))
+    x, m, z = randn(2, 3, 4), randn(2, 3, 4), randn(2, 3, 4)
+    default = diffkern.ddpm_step(m, 321, x, table, noise=z)
+    explicit = diffkern.ddpm_step(m, 321, x, table, noise=z, prev_timestep=320)
+    spaced = diffkern.ddpm_step(m, 321, x, table, noise=z, prev_timestep=301)
+    assert torch.equal(default.prev_sample, explicit.prev_sample)
+    assert not torch.allclose(default.prev_sample, spaced.prev_sample)
+
+
+def test_per_sample_timesteps_equal_stepping_each_sample_alone(randn):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear"))
+    x, m, z = randn(3, 3, 4, 4), randn(3, 3, 4, 4), randn(3, 3, 4, 4)
+    t = torch.tensor([0, 250, 999])
+    batched = diffkern.ddpm_step(m, t, x, table, noise=z, variance_type="fixed_large")
+    for i in range(3):
+        alone = diffkern.ddpm_step(m[i:i + 1], int(t[i]), x[i:i + 1], table, noise=z[i:i + 1],
+                                   variance_type="fixed_large")
+        assert torch.equal(batched.prev_sample[i:i + 1], alone.prev_sample)
+
+
+def test_learned_guidance_takes_variance_from_conditional_half(randn):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear"))
+    x, z = randn(2, 3, 4, 4), randn(2, 3, 4, 4)
+    m2 = randn(4, 6, 4, 4)
+    guided = torch.cat([m2[:2, :3] + 4.0 * (m2[2:, :3] - m2[:2, :3]), m2[2:, 3:]], dim=1)
+    fused = diffkern.ddpm_step(m2, 600, x, table, noise=z, variance_type="learned_range", guidance_scale=4.0)
+    plain = diffkern.ddpm_step(guided, 600, x, table, noise=z, variance_type="learned_range")
+    assert_close(fused.prev_sample, plain.prev_sample)
+
+
+# ------------------------------------------------------------------------------------------------- every backend
+
+def test_no_noise_at_t0(any_backend, table, randn, device):
+    """In a per-sample batch the t = 0 sample does not depend on the noise and the others do; a step at t = 0
+    everywhere draws none."""
+    backend = any_backend
+    model_output, sample, noise = randn(3, 4, 5, 6), randn(3, 4, 5, 6), randn(3, 4, 5, 6)
+    timestep = torch.tensor([0, 400, 999], device=device)
+    once = diffkern.ddpm_step(model_output, timestep, sample, table, noise=noise, backend=backend)
+    twice = diffkern.ddpm_step(model_output, timestep, sample, table, noise=2 * noise, backend=backend)
+    assert backends.last_backend("ddpm_step") == backend
+    assert torch.equal(once.prev_sample[0], twice.prev_sample[0])
+    assert not torch.isclose(once.prev_sample[1:], twice.prev_sample[1:]).any()
+    assert torch.equal(once.pred_original_sample, twice.pred_original_sample)
+    with_noise = diffkern.ddpm_step(model_output, 0, sample, table, noise=noise, backend=backend)
+    without = diffkern.ddpm_step(model_output, 0, sample, table, generator=torch.Generator().manual_seed(1),
+                                 backend=backend)
+    assert torch.equal(with_noise.prev_sample, without.prev_sample)
+
+
+# ------------------------------------------------------------------------------------------------- fast backends
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+def test_variance_types_match_reference(fast_backend, variance_type, dtype, table, randn, gen, device):
+    for guidance_scale in (None, 4.0):
+        model_output, timestep, sample, kwargs = ddpm_inputs((3, 4, 5, 7), dtype, variance_type,
+                                                             dict(guidance_scale=guidance_scale), randn, gen, device)
+        run_both(diffkern.ddpm_step, fast_backend, model_output, timestep, sample, table, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(DDPM_CASES))
+def test_options_match_reference(fast_backend, case, dtype, table, randn, gen, device):
+    model_output, timestep, sample, kwargs = ddpm_inputs((3, 4, 5, 7), dtype, "fixed_small", DDPM_CASES[case],
+                                                         randn, gen, device)
+    run_both(diffkern.ddpm_step, fast_backend, model_output, timestep, sample, table, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shapes_match_reference(fast_backend, shape, dtype, table, randn, gen, device):
+    for variance_type in ("fixed_small", "learned_range"):
+        model_output, timestep, sample, kwargs = ddpm_inputs(shape, dtype, variance_type, {}, randn, gen, device)
+        kwargs["prev_timestep"] = timestep - torch.randint(1, 100, timestep.shape, generator=gen).to(device)
+        run_both(diffkern.ddpm_step, fast_backend, model_output, timestep, sample, table, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "learned_range"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_match_reference(fast_backend, dtype, variance_type, layout, table, randn, gen, device):
+    model_output, timestep, sample, kwargs = ddpm_inputs((3, 5, 6, 7), dtype, variance_type,
+                                                         dict(guidance_scale=2.0), randn, gen, device, layout=layout)
+    prev, x0 = run_both(diffkern.ddpm_step, fast_backend, model_output, timestep, sample, table, **kwargs)
+    if layout == "channels_last" and variance_type != "learned_range":  # a learned variance is made C-contiguous
+        assert prev.is_contiguous(memory_format=torch.channels_last)
+        assert x0.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float64_runs_the_reference_math(fast_backend, table, randn, gen, device):
+    x, model_output = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, 4, dtype=torch.float64)
+    noise = randn(2, 3, 4, dtype=torch.float64)
+    timestep = torch.randint(1, NUM_TRAIN, (2,), generator=gen).to(device)
+    fast = diffkern.ddpm_step(model_output, timestep, x, table, noise=noise, backend=fast_backend)
+    expected = diffkern.ddpm_step(model_output, timestep, x, table, noise=noise, backend="reference")
+    assert torch.equal(fast.prev_sample, expected.prev_sample)
