@@ -100,3 +100,17 @@ def randn(gen, device):
     def draw(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
     return draw
+
+
+@pytest.fixture(scope="session")
+def schedule():
+    """Stable Diffusion's schedule (scaled_linear, 1000 steps), as the step and add_noise tests use it."""
+    from diffkern.schedules import NoiseSchedule
+
+    return NoiseSchedule.from_name("scaled_linear", 1000, 0.00085, 0.012)
+
+
+@pytest.fixture
+def table(schedule, device) -> torch.Tensor:
+    """``schedule``'s float32 abar table on the test device."""
+    return schedule.table(device)

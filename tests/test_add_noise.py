@@ -15,7 +15,6 @@ import diffkern
 from _helpers import LAYOUTS, lay_out, run_both
 from conftest import ON_GPU
 from diffkern import backends
-from diffkern.schedules import NoiseSchedule
 from diffkern.testing import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,16 +24,6 @@ SHAPES = [(1, 1), (3, 1), (1, 4, 5, 7), (3, 3, 11, 13), (2, 3, 41, 37), (2, 3, 4
 if ON_GPU:
     SHAPES += [(2, 4, 64, 64), (5, 3, 129, 131)]
 TIMESTEP_KINDS = ("int", "0-d", "per-sample", "cpu")
-
-
-@pytest.fixture(scope="module")
-def schedule() -> NoiseSchedule:
-    return NoiseSchedule.from_name("scaled_linear", NUM_TRAIN, 0.00085, 0.012)
-
-
-@pytest.fixture
-def table(schedule, device) -> torch.Tensor:
-    return schedule.table(device)
 
 
 def timesteps_for(kind: str, gen, batch: int, device, low: int = 0, high: int = NUM_TRAIN):

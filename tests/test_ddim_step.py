@@ -19,7 +19,6 @@ import diffkern
 from _helpers import LAYOUTS, abar64, lay_out, run_both
 from conftest import ON_GPU
 from diffkern import backends
-from diffkern.schedules import NoiseSchedule
 from diffkern.testing import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,16 +55,6 @@ if ON_GPU:  # the full product of the options, where kernels run at full speed
             prediction_type=prediction, guidance_scale=7.5 if guided else None, eta=eta, noise=eta > 0,
             clip_sample=post == "clip", thresholding=post == "threshold", sample_max_value=1.5,
             dynamic_thresholding_ratio=0.9, use_clipped_model_output=use_clipped, final_alpha_cumprod=0.9991)
-
-
-@pytest.fixture(scope="module")
-def schedule() -> NoiseSchedule:
-    return NoiseSchedule.from_name("scaled_linear", NUM_TRAIN, 0.00085, 0.012)
-
-
-@pytest.fixture
-def table(schedule, device) -> torch.Tensor:
-    return schedule.table(device)
 
 
 def ddim_inputs(shape, dtype, options, randn, gen, device, *, per_sample=True, layout="contiguous"):

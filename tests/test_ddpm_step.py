@@ -15,7 +15,6 @@ from _helpers import LAYOUTS, abar64, ddpm_model_output, lay_out, run_both
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.ops.ddpm import VARIANCE_TYPES
-from diffkern.schedules import NoiseSchedule
 from diffkern.testing import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,16 +40,6 @@ if ON_GPU:  # the full product, where kernels run at full speed
             variance_type=variance, prediction_type=prediction, guidance_scale=4.0 if guided else None,
             clip_sample=post == "clip", thresholding=post == "threshold", dynamic_thresholding_ratio=0.9,
             sample_max_value=2.0)
-
-
-@pytest.fixture(scope="module")
-def schedule() -> NoiseSchedule:
-    return NoiseSchedule.from_name("scaled_linear", NUM_TRAIN, 0.00085, 0.012)
-
-
-@pytest.fixture
-def table(schedule, device) -> torch.Tensor:
-    return schedule.table(device)
 
 
 def ddpm_inputs(shape, dtype, variance_type, options, randn, gen, device, layout="contiguous"):
