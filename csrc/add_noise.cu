@@ -2,7 +2,11 @@
 //
 // One pass: reads x_0 and noise once, writes x_t once (16-byte vectors where the streams align).
 // Coefficients are fp32 whatever the sample dtype (see diffkern/ops/add_noise.py).
-#include "common.cuh"
+#include "dtype_dispatch.cuh"
+#include "elementwise.cuh"
+#include "platform.cuh"
+#include "step_coefficients.cuh"
+#include "tensor_checks.cuh"
 
 namespace diffkern {
 namespace {

@@ -8,7 +8,11 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common.cuh"
+#include "dtype_dispatch.cuh"
+#include "elementwise.cuh"
+#include "platform.cuh"
+#include "step_coefficients.cuh"
+#include "tensor_checks.cuh"
 
 namespace diffkern {
 

@@ -4,7 +4,7 @@
 // tests/cuda_emulation/build.py compiles every csrc/*.cu as C++ with
 //     g++ -std=c++20 -pthread -DDIFFKERN_HOST_EMULATION -include host_cuda.h -x c++ file.cu
 // This header turns the CUDA dialect the kernels use into ordinary C++ and provides run_grid, the launcher of
-// csrc/common.cuh's emulated platform layer (see "Host emulation" there). Nothing else in csrc/ changes.
+// csrc/platform.cuh's emulated platform layer (see "Host emulation" there). Nothing else in csrc/ changes.
 //
 // What is emulated, and how:
 //   - __global__, __device__, __host__, __forceinline__, __launch_bounds__: erased (plain inline functions).
@@ -26,7 +26,7 @@
 //   - Launch checks: a block must be whole warps (the shuffles need them; a restriction of the emulator, not
 //     of CUDA) of at most 1024 threads; grid.x < 2^31, grid.y and grid.z <= 65535, every dimension >= 1;
 //     dynamic shared memory at most the emulated device's opt-in limit. A refused launch runs nothing and is
-//     reported through take_launch_error(), which common.cuh's check_launch turns into a RuntimeError.
+//     reported through take_launch_error(), which platform.cuh's check_launch turns into a RuntimeError.
 //
 // Not emulated (bugs of these kinds can pass here; they need a GPU run, e.g. scripts/gpu_check.sh):
 //   - Concurrency between blocks: blocks never overlap, so inter-block races and any reliance on block order

@@ -1,0 +1,188 @@
+// What the GroupNorm + SiLU kernels of both layouts share (device, and the host mirror of the shared-memory
+// carving): block size, problem dimensions, affine parameters, unit accesses, the statistics' building blocks
+// and the dweight/dbias reduction that ends every backward.
+// Part of group_norm_silu.cu, included there only: like the rest of it, in an anonymous namespace.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "platform.cuh"
+#include "reductions.cuh"
+#include "vector_io.cuh"
+
+namespace diffkern {
+namespace {
+
+constexpr int kGnThreads = 256;
+constexpr int kGnWarps = kGnThreads / 32;
+
+// An optional per-channel affine parameter of any float dtype.
+struct ParamRef {
+  const void* ptr;
+  int kind;  // 0: absent, 1: float32, 2: float16, 3: bfloat16, 4: float64
+};
+
+__device__ __forceinline__ float load_param(const ParamRef& p, int64_t c, float absent) {
+  switch (p.kind) {
+    case 1: return static_cast<const float*>(p.ptr)[c];
+    case 2: return __half2float(static_cast<const __half*>(p.ptr)[c]);
+    case 3: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.ptr)[c]);
+    case 4: return static_cast<float>(static_cast<const double*>(p.ptr)[c]);
+    default: return absent;
+  }
+}
+
+struct GnDims {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  int G;
+  int Cg;
+};
+
+// Accesses of one "unit": a 16-byte vector of kVec<T> elements, or one element.
+template <typename T, bool VEC>
+struct Unit {
+  static constexpr int W = VEC ? kVec<T> : 1;
+
+  static __device__ __forceinline__ void load(const T* p, float (&f)[W]) {
+    if constexpr (VEC) {
+      load_vec<T>(p, f);
+    } else {
+      f[0] = load_scalar(p);
+    }
+  }
+
+  // Loads from global memory, keeps a copy in shared memory.
+  static __device__ __forceinline__ void load_keep(const T* p, T* keep, float (&f)[W]) {
+    if constexpr (VEC) {
+      const uint4 raw = load_raw16(p);
+      store_raw16(keep, raw);
+      unpack_vec<T>(raw, f);
+    } else {
+      const T v = *p;
+      *keep = v;
+      f[0] = Elem<T>::to_float(v);
+    }
+  }
+
+  static __device__ __forceinline__ void store(T* p, const float (&f)[W]) {
+    if constexpr (VEC) {
+      store_vec<T>(p, f);
+    } else {
+      store_scalar(p, f[0]);
+    }
+  }
+};
+
+__device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+__device__ __forceinline__ float silu_f(float z) { return z / (1.0f + expf(-z)); }
+
+// Non-negative part that keeps NaN (fmaxf would turn a NaN variance into 0).
+__device__ __forceinline__ float nonneg(float v) { return v < 0.0f ? 0.0f : v; }
+
+// (mean, m2) of `count` values from their sums of (v - shift) and (v - shift)^2.
+__device__ __forceinline__ float2 shifted_moments(float shift, float s1, float s2, float count) {
+  return make_float2(shift + s1 / count, nonneg(s2 - s1 * s1 / count));
+}
+
+// Carves 16-byte aligned arrays out of dynamic shared memory; the host's byte counts (round16 per array)
+// mirror it.
+struct SmemCarver {
+  unsigned char* p;
+  template <typename U>
+  __device__ __forceinline__ U* take(int64_t count) {
+    U* r = reinterpret_cast<U*>(p);
+    p += (static_cast<int64_t>(sizeof(U)) * count + 15) / 16 * 16;
+    return r;
+  }
+};
+
+inline size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// First index of slice k of K over [0, total): slices differ in size by at most one.
+__device__ __forceinline__ int64_t slice_begin(int64_t total, int k, int K) { return (total * k) / K; }
+
+__device__ __forceinline__ float silu_grad_dz(float dy, float z) {
+  const float s = sigmoid_f(z);
+  return dy * s * (1.0f + z * (1.0f - s));
+}
+
+// Sums of the pairs term(0), ..., term(count - 1) over one whole warp, lane-strided then by shuffles (a
+// fixed order); valid on every lane.
+template <typename Term>
+__device__ __forceinline__ float2 warp_sum_pairs(int64_t count, Term term) {
+  const int lane = threadIdx.x & 31;
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int64_t j = lane; j < count; j += 32) {
+    const float2 v = term(j);
+    s1 += v.x;
+    s2 += v.y;
+  }
+  return make_float2(warp_sum(s1), warp_sum(s2));
+}
+
+// Combines `rows` channel moments of `count` elements each (mean_r, m2_r) into one: exact two-level
+// formula (no sequential merge). Called by one whole warp; the result is valid on every lane.
+__device__ __forceinline__ float2 combine_equal_count(const float2* stats, int rows, float count) {
+  const int lane = threadIdx.x & 31;
+  float sum = 0.0f;
+  for (int r = lane; r < rows; r += 32) sum += stats[r].x;
+  const float mean = warp_sum(sum) / static_cast<float>(rows);
+  float sq = 0.0f;
+  for (int r = lane; r < rows; r += 32) {
+    const float d = stats[r].x - mean;
+    sq += stats[r].y + count * d * d;
+  }
+  return make_float2(mean, warp_sum(sq));
+}
+
+// Merges the K slice moments of group `gidx` (rows split over K slices of `rows_total` rows of `per_row`
+// elements each). Called by one whole warp; the result is valid on lane 0.
+__device__ __forceinline__ Moments merge_slices(const float2* part, int64_t gidx, int K, int64_t rows_total,
+                                                float per_row) {
+  const int lane = threadIdx.x & 31;
+  Moments m{0.0f, 0.0f, 0.0f};
+  for (int j = lane; j < K; j += 32) {
+    const float2 p = part[gidx * K + j];
+    const int64_t rows = slice_begin(rows_total, j + 1, K) - slice_begin(rows_total, j, K);
+    m = merge_moments(m, Moments{static_cast<float>(rows) * per_row, p.x, p.y});
+  }
+  return warp_merge_moments(m);
+}
+
+// One thread's end of a group's statistics: rstd from the merged moments, kept for the block in `stat`
+// and written to the outputs by the group's first slice only.
+__device__ __forceinline__ void publish_group_stats(float mean, float m2, const GnDims& d, float eps,
+                                                    bool first_slice, int64_t gidx, float2* stat,
+                                                    float* mean_out, float* rstd_out) {
+  const float var = m2 / (static_cast<float>(d.Cg) * static_cast<float>(d.S));
+  const float rstd = 1.0f / sqrtf(var + eps);
+  *stat = make_float2(mean, rstd);
+  if (first_slice) {
+    mean_out[gidx] = mean;
+    rstd_out[gidx] = rstd;
+  }
+}
+
+// dweight[c] = sum_r chan[r * C + c].y, dbias[c] = sum_r chan[r * C + c].x over the R partial rows, in
+// order (deterministic).
+__global__ void __launch_bounds__(kGnThreads)
+    gn_bwd_params(const float2* __restrict__ chan, int64_t R, int64_t C, float* __restrict__ dweight,
+                  float* __restrict__ dbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kGnThreads + threadIdx.x;
+  if (c >= C) return;
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t r = 0; r < R; ++r) {
+    const float2 v = chan[r * C + c];
+    sb += v.x;
+    sw += v.y;
+  }
+  if (dweight != nullptr) dweight[c] = sw;
+  if (dbias != nullptr) dbias[c] = sb;
+}
+
+}  // namespace
+}  // namespace diffkern
