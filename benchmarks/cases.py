@@ -1,8 +1,9 @@
 """The benchmark cases as pytest parameters for this machine, and the end-to-end sampling configurations.
 
 The op cases themselves (shape sets, byte models, inputs, baselines) are defined in the package, in
-``diffkern/_bench_cases.py``, so that ``python -m diffkern bench`` measures exactly the same things: an installed
-package cannot import this directory. This module re-exports them and adds what only the pytest suite needs.
+``diffkern/_bench_cases.py``, and measured by ``diffkern.bench``, the harness of ``python -m diffkern bench``: an
+installed package cannot import this directory. This module turns them into pytest parameters and adds what only
+the pytest suite has (the end-to-end loops).
 
 On a GPU the GPU shape sets run. On a CPU the small CPU shape sets run (so that CI can execute the suite in well
 under a minute) and the GPU shape sets are collected and skipped with the reason, so that the report lists every
@@ -17,9 +18,8 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
-from diffkern._bench_cases import (  # noqa: F401  (re-exported for the benchmark modules)
-    BACKEND_IMPLS, BASELINES, DTYPES, GN_SHAPES, IMPLS, OPS, SD_DDIM_EXTRA, SD_SCHEDULER, STEP_SHAPES, Case,
-    Options, build_workload, make_cases, make_impl, unavailable_reason)
+from diffkern._bench_cases import (  # noqa: F401  (SD_*: re-exported for test_bench_e2e)
+    BASELINES, IMPLS, SD_DDIM_EXTRA, SD_SCHEDULER, make_cases)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WHERE = "gpu" if DEVICE.type == "cuda" else "cpu"

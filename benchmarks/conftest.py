@@ -1,5 +1,5 @@
-"""pytest-benchmark setup: opt-in flags, one measuring session per run, and the bridge that lets pytest-benchmark
-time the very rounds that :func:`diffkern.bench.measure` times.
+"""pytest-benchmark setup: opt-in flags, one measuring session per run, and the hand-over of diffkern's
+measurements to pytest-benchmark.
 
 Run with ``pytest benchmarks/ --benchmark-only`` (see BENCHMARKS.md). Flags:
 
@@ -10,9 +10,11 @@ Run with ``pytest benchmarks/ --benchmark-only`` (see BENCHMARKS.md). Flags:
   busy cores with other processes wait on each other at every op, which made small ops tens of times slower on a
   shared two-core machine; 0 keeps torch's default).
 
-Each test's ``benchmark.extra_info`` carries diffkern's own figures (median per call from CUDA events on a GPU,
-GB/s from the byte model, % of copy bandwidth, speedups against the baselines); pytest-benchmark's own columns are
-wall-clock seconds per call over the same rounds, each round ending with a device synchronisation.
+The timing is :func:`diffkern.bench.measure` (``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on
+a CPU), the same as ``python -m diffkern bench``'s; the ``record`` fixture gives its per-call samples to
+pytest-benchmark, so pytest-benchmark's table, ``--benchmark-json``, ``--benchmark-compare`` and histograms show
+exactly those figures. Each test's ``benchmark.extra_info`` adds the rest of diffkern's result (GB/s from the byte model, % of
+copy bandwidth, speedups against the baselines).
 """
 
 from __future__ import annotations
@@ -76,12 +78,23 @@ def bench_session(pytestconfig) -> bench.BenchSession:
 
 
 @pytest.fixture
-def pedantic(benchmark):
-    """A round runner for :func:`diffkern.bench.measure`: pytest-benchmark's pedantic mode runs the rounds, with
-    one pytest-benchmark iteration per call, so its statistics are per call like diffkern's."""
-    def run(call, rounds: int, calls_per_round: int) -> None:
-        benchmark.pedantic(call, rounds=rounds, iterations=calls_per_round, warmup_rounds=0)
-    return run
+def record(benchmark):
+    """``record(measurement)`` makes a :class:`diffkern.bench.Measurement`'s samples the test's pytest-benchmark
+    timings (nothing with ``--benchmark-disable``).
+
+    pytest-benchmark has no public call for timings measured elsewhere (its timer is a host clock around the
+    target; diffkern's are CUDA events with an L2 flush, or torch.utils.benchmark's blocks). This opens the
+    fixture's record the way ``benchmark.pedantic`` does (``_make_stats``, one iteration per call of a sample) and
+    marks the fixture used (``_mode``, else pytest-benchmark warns that it was not). tests/test_bench_cli.py checks
+    that pytest-benchmark's JSON then holds these samples, so a release that changes either shows there."""
+    def record_measurement(measurement: bench.Measurement) -> None:
+        if benchmark.disabled:
+            return
+        benchmark._mode = "diffkern.bench.measure"
+        stats = benchmark._make_stats(measurement.calls_per_sample)
+        for sample in measurement.samples_s:
+            stats.update(sample * measurement.calls_per_sample)   # a sample's duration; pytest-benchmark divides
+    return record_measurement
 
 
 @pytest.hookimpl(optionalhook=True)   # a pytest-benchmark hook: no error where the plugin is missing

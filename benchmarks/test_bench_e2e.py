@@ -9,8 +9,9 @@ Variants, all over the same model weights, initial noise and timesteps (SD 1.5's
 - ``diffkern_graph``: the patched loop, all 50 steps captured once in a CUDA graph and timed by replaying it
   (GPU only; diffusers' step reads timesteps on the host, so the baseline loop cannot be captured).
 
-One call is one whole loop; the time per step is the loop's time / 50. On a GPU the UNet has SD 1.5's widths at
-64^2 latents in fp16; on CPU a tiny UNet in fp32 only exercises the harness.
+One call is one whole loop, timed by :func:`diffkern.bench.measure` like the ops (``triton.testing.do_bench`` on a
+GPU, ``torch.utils.benchmark`` on a CPU); the time per step is the loop's time / 50. On a GPU the UNet has SD
+1.5's widths at 64^2 latents in fp16; on CPU a tiny UNet in fp32 only exercises the harness.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from diffkern import bench
 
 VARIANTS = ("diffusers", "diffkern_step", "diffkern_step_patched", "diffkern_graph")
 
-# Rounds of one whole loop each: on a GPU as many as fit in about 5 s (at least 5), after one more warm-up loop;
-# on a CPU two, which only shows that the harness runs.
-SETTINGS = (bench.TimingSettings(budget_s=5.0, min_rounds=5, max_rounds=20, min_round_s=0.0, warmup_calls=1)
-            if DEVICE.type == "cuda" else
-            bench.TimingSettings(budget_s=0.0, min_rounds=2, max_rounds=2, min_round_s=0.0, warmup_calls=0))
+# Timed milliseconds per variant: on a GPU about 5 s of loops (do_bench adds its estimate of 5 loops and a warm-up
+# of a quarter of that); on a CPU none beyond the minimum, one loop to size the block and one timed, which only
+# shows that the harness runs.
+REP_MS = 5000.0 if DEVICE.type == "cuda" else 0.0
 
 
 class Loop:
@@ -123,21 +123,24 @@ class Loop:
 
     # Measuring -------------------------------------------------------------------------------------------------
 
-    def run(self, name: str, round_runner=None) -> Dict[str, Any]:
+    def run(self, name: str) -> Dict[str, Any]:
+        """Measure one variant (the diffusers baseline first, if it has not run yet): its figures, the measurement
+        and its final sample."""
         loop = self.variant(name)
         final = loop()   # the first run: compilation, lazy initialisation, and the output to compare
-        m = bench.measure(lambda _: loop(), [None], DEVICE, SETTINGS, round_runner=round_runner)
+        m = bench.measure(loop, DEVICE, REP_MS)
         info = {"variant": name, "model": LOOP.label, "latent_shape": list(LOOP.latent_shape),
-                "dtype": str(LOOP.dtype).replace("torch.", ""), "steps": LOOP.steps, "clock": m.clock,
-                "rounds": m.rounds, "median_ms": m.median_s * 1e3, "min_ms": m.min_s * 1e3,
-                "ms_per_step": m.median_s * 1e3 / LOOP.steps, "median_s": m.median_s}
+                "dtype": str(LOOP.dtype).replace("torch.", ""), "steps": LOOP.steps, "timer": m.timer,
+                "samples": len(m.samples_s), "median_ms": m.median_s * 1e3, "min_ms": m.min_s * 1e3,
+                "ms_per_step": m.median_s * 1e3 / LOOP.steps}
         if name != "diffusers":
             baseline = self.results.get("diffusers") or self.run("diffusers")
-            info["speedup_vs_diffusers"] = baseline["median_s"] / m.median_s
+            info["speedup_vs_diffusers"] = baseline["measurement"].median_s / m.median_s
             info["max_abs_diff_vs_diffusers"] = float((final.double() - baseline["final"].double()).abs().max())
         if name in ("diffkern_step_patched", "diffkern_graph"):
             info["groupnorm_silu_patched"] = self.patched_count
         info["final"] = final.detach().clone()
+        info["measurement"] = m
         self.results[name] = info
         return info
 
@@ -148,8 +151,9 @@ def loop() -> Loop:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_ddim_loop(loop, variant, benchmark, pedantic):
+def test_ddim_loop(loop, variant, benchmark, record):
     benchmark.group = f"ddim {LOOP.steps} steps, {LOOP.label} {LOOP.latent_shape} {str(LOOP.dtype)[6:]}"
-    info = loop.run(variant, round_runner=pedantic)
-    benchmark.extra_info.update({k: v for k, v in info.items() if k != "final"})
+    info = loop.run(variant)
+    benchmark.extra_info.update({k: v for k, v in info.items() if k not in ("final", "measurement")})
     benchmark.extra_info["device"] = str(DEVICE)
+    record(info["measurement"])

@@ -1,9 +1,10 @@
 """Benchmark cases: what is timed, on which inputs, against which baselines, and how many bytes each op must move.
 
-Shared by ``python -m diffkern bench`` (:mod:`diffkern.bench`) and the pytest-benchmark suite in the repository's
-``benchmarks/`` directory, which imports it from here: an installed package cannot import the repository's files,
-and both front ends must measure exactly the same thing. Importing this module touches no device and imports
-neither triton nor diffusers; inputs are built and implementations resolved only when a case runs.
+:mod:`diffkern.bench` measures these cases (``python -m diffkern bench``); the pytest-benchmark suite in the
+repository's ``benchmarks/`` directory makes one test per (case, impl) from the same list and reports the same
+measurements. The cases live in the package because an installed package cannot import the repository's files.
+Importing this module touches no device and imports neither triton nor diffusers; inputs are built and
+implementations resolved only when a case runs.
 
 A *case* is one op on one shape, dtype and memory layout. Each case runs under several *impls*:
 
@@ -15,24 +16,8 @@ A *case* is one op on one shape, dtype and memory layout. Each case runs under s
   ``DDPMScheduler.add_noise``). GroupNorm+SiLU has no diffusers baseline: diffusers runs ``nn.GroupNorm`` and then
   ``nn.SiLU``, which is exactly ``eager``.
 
-Byte model (``bytes_moved``): the bytes an ideal single-pass kernel must read and write, counting each tensor once,
-with E the element count of the sample (of ``x`` for GroupNorm), s the dtype's size in bytes, C the channels, N the
-batch and G the groups:
-
-==========================  ====================================================================================
-add_noise                   3 E s: read x0 and noise, write x_t
-ddim_step (eta = 0)         4 E s: read model_output and sample, write prev_sample and pred_original_sample
-ddim_step_cfg (eta = 1)     6 E s: read model_output (2B samples: 2 E), sample and noise, write prev and x0
-ddpm_step                   5 E s: read model_output, sample and noise, write prev and x0
-group_norm_silu             2 E s + 2 C s: read x, weight and bias, write y
-group_norm_silu_fwd_bwd     5 E s + 6 C s + 16 N G: forward reads x, weight, bias and writes y; backward reads
-                            x, dy, weight, bias and writes dx, dweight, dbias; mean and rstd (fp32) are
-                            written once and read once
-==========================  ====================================================================================
-
-The per-sample timestep and the gathered abar values (a few bytes per sample) are left out of the step models.
-A kernel that needs more than one pass (a two-pass GroupNorm reads x twice) moves more than the model, so its
-achieved bandwidth is computed against the model and shows the cost of the extra pass.
+Byte model: each op's :class:`ByteModel` in :data:`OPS`, the one definition of the bytes behind every GB/s figure
+(BENCHMARKS.md points here; the command line prints each case's formula, the JSON carries it as ``byte_model``).
 """
 
 from __future__ import annotations
@@ -67,32 +52,56 @@ GN_EPS = 1e-5
 
 
 @dataclass(frozen=True)
+class ByteModel:
+    """The bytes an ideal single-pass kernel must read and write in one call, each tensor counted once: what every
+    GB/s figure divides by the time.
+
+    ``formula`` is written in E (elements of the sample; of x for GroupNorm), s (the dtype's size in bytes), N (the
+    batch), C (the channels) and G (the groups, :data:`GN_GROUPS`); ``count(E, s, N, C)`` computes it and
+    ``tensors`` says what is read and written. The per-sample timestep and the gathered abar values (a few bytes
+    per sample) are left out. The model is a lower bound on traffic: a kernel that makes more than one pass (a
+    two-pass GroupNorm reads x twice; eager PyTorch writes and re-reads every intermediate) moves more, and its
+    GB/s, computed against the model, shows that cost."""
+    formula: str
+    tensors: str
+    count: Callable[[int, int, int, int], int]
+
+
+@dataclass(frozen=True)
 class OpSpec:
     name: str
     family: str                 # "step" or "group_norm"
     description: str
-    byte_model: str             # the formula, as documented in the module docstring and BENCHMARKS.md
+    bytes: ByteModel
     baselines: Tuple[str, ...]
     note: str = ""              # caveat attached to the diffusers baseline's results
 
 
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("add_noise", "step", "x_t = sqrt(abar) x0 + sqrt(1 - abar) noise, one timestep per sample",
-           "3 E s", BASELINES),
+           ByteModel("3 E s", "read x0 and noise; write x_t", lambda E, s, N, C: 3 * E * s), BASELINES),
     OpSpec("ddim_step", "step", "DDIM step, eta = 0, epsilon prediction, SD 1.5 scheduler, t 501 -> 481",
-           "4 E s", BASELINES),
+           ByteModel("4 E s", "read model_output and sample; write prev_sample and pred_original_sample",
+                     lambda E, s, N, C: 4 * E * s), BASELINES),
     OpSpec("ddim_step_cfg", "step",
            f"DDIM step with classifier-free guidance (scale {GUIDANCE_SCALE}) and eta = 1 with given noise",
-           "6 E s", BASELINES),
+           ByteModel("6 E s", "read model_output (2N samples: 2 E), sample and noise; write prev_sample and "
+                              "pred_original_sample", lambda E, s, N, C: 6 * E * s), BASELINES),
     OpSpec("ddpm_step", "step", "DDPM ancestral step, fixed_small variance, given noise, t 501 -> 500",
-           "5 E s", BASELINES,
+           ByteModel("5 E s", "read model_output, sample and noise; write prev_sample and pred_original_sample",
+                     lambda E, s, N, C: 5 * E * s), BASELINES,
            note="DDPMScheduler.step has no argument for the noise, so the diffusers time includes drawing it "
                 "(one extra randn kernel); its output is not compared"),
     OpSpec("group_norm_silu", "group_norm", f"silu(group_norm(x)), {GN_GROUPS} groups, affine, inference (no grad)",
-           "2 E s + 2 C s", ("eager", "compile")),
+           ByteModel("2 E s + 2 C s", "read x, weight and bias; write y", lambda E, s, N, C: 2 * E * s + 2 * C * s),
+           ("eager", "compile")),
     OpSpec("group_norm_silu_fwd_bwd", "group_norm",
            f"silu(group_norm(x)) forward + backward for x, weight and bias, {GN_GROUPS} groups",
-           "5 E s + 6 C s + 16 N G", ("eager", "compile")),
+           ByteModel("5 E s + 6 C s + 16 N G", "forward: read x, weight and bias, write y; backward: read x, dy, "
+                                               "weight and bias, write dx, dweight and dbias; mean and rstd (fp32) "
+                                               "written once and read once",
+                     lambda E, s, N, C: 5 * E * s + 6 * C * s + 16 * N * GN_GROUPS),
+           ("eager", "compile")),
 )}
 
 
@@ -161,27 +170,9 @@ class Case:
 
     @property
     def bytes_moved(self) -> int:
-        """The byte model of the module docstring, exactly."""
-        e, s = self.numel, self.torch_dtype.itemsize
-        if self.op == "add_noise":
-            return 3 * e * s
-        if self.op == "ddim_step":
-            return 4 * e * s
-        if self.op == "ddim_step_cfg":
-            return 6 * e * s
-        if self.op == "ddpm_step":
-            return 5 * e * s
-        n, c = self.shape[:2]
-        if self.op == "group_norm_silu":
-            return 2 * e * s + 2 * c * s
-        return 5 * e * s + 6 * c * s + 16 * n * GN_GROUPS
-
-    @property
-    def input_bytes(self) -> int:
-        """Bytes of the per-call input tensors: what the L2 rotation ring holds once per set."""
-        e, s = self.numel, self.torch_dtype.itemsize
-        return {"add_noise": 2, "ddim_step": 2, "ddim_step_cfg": 4, "ddpm_step": 3, "group_norm_silu": 1,
-                "group_norm_silu_fwd_bwd": 2}[self.op] * e * s
+        """The op's :class:`ByteModel` at this case's shape and dtype."""
+        batch, channels = self.shape[:2]
+        return self.spec.bytes.count(self.numel, self.torch_dtype.itemsize, batch, channels)
 
 
 def make_cases(*, ops: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None,
@@ -251,20 +242,20 @@ def unavailable_reason(case: Case, impl: str, device: torch.device, options: Opt
 
 @dataclass
 class Workload:
-    """The inputs of one case: ``ring`` holds independent random input sets (rotated call by call so that
-    consecutive calls do not find their inputs in L2); ``shared`` holds what every call reuses (the abar table,
-    timesteps, GroupNorm weights)."""
+    """The inputs of one case: ``inputs`` holds the per-call tensors (samples, model outputs, noise, x, dy) and
+    ``shared`` the small ones every impl reuses (the abar table, timesteps, GroupNorm weights). One input set is
+    enough: on a GPU, ``triton.testing.do_bench`` flushes the L2 cache before every timed call."""
     case: Case
     device: torch.device
-    ring: List[Dict[str, torch.Tensor]]
+    inputs: Dict[str, torch.Tensor]
     shared: Dict[str, Any]
     _expected: Optional[Tuple[torch.Tensor, ...]] = field(default=None, repr=False)
 
     def expected(self) -> Tuple[torch.Tensor, ...]:
-        """The reference backend's outputs on ``ring[0]``: what every other impl is compared with."""
+        """The reference backend's outputs: what every other impl is compared with."""
         if self._expected is None:
             fn = make_impl(self, "reference")
-            self._expected = tuple(t.detach().clone() for t in fn(self.ring[0]))
+            self._expected = tuple(t.detach().clone() for t in fn(self.inputs))
         return self._expected
 
 
@@ -274,15 +265,14 @@ def _random(shape, dtype, device, generator, layout="nchw", scale=1.0) -> torch.
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
-def build_workload(case: Case, device, ring_sets: int = 1, seed: int = 0) -> Workload:
-    """Random inputs for ``case`` on ``device``: ``ring_sets`` input sets and the shared tensors."""
+def build_workload(case: Case, device, seed: int = 0) -> Workload:
+    """Random inputs for ``case`` on ``device``."""
     from diffkern.schedules import NoiseSchedule
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype, shape, layout = case.torch_dtype, case.shape, case.layout
     shared: Dict[str, Any] = {}
-    ring: List[Dict[str, torch.Tensor]] = []
     if case.spec.family == "step":
         schedule = NoiseSchedule.from_name(SD_SCHEDULER["beta_schedule"], SD_SCHEDULER["num_train_timesteps"],
                                            SD_SCHEDULER["beta_start"], SD_SCHEDULER["beta_end"])
@@ -295,28 +285,24 @@ def build_workload(case: Case, device, ring_sets: int = 1, seed: int = 0) -> Wor
             prev = DDPM_PREV_T if case.op == "ddpm_step" else DDIM_PREV_T
             shared["t"] = torch.tensor(STEP_T, device=device)
             shared["t_prev"] = torch.tensor(prev, device=device)
-        for _ in range(ring_sets):
-            if case.op == "add_noise":
-                ring.append({"x0": _random(shape, dtype, device, gen), "noise": _random(shape, dtype, device, gen)})
-                continue
+        if case.op == "add_noise":
+            inputs = {"x0": _random(shape, dtype, device, gen), "noise": _random(shape, dtype, device, gen)}
+        else:
             batch = 2 * shape[0] if case.op == "ddim_step_cfg" else shape[0]
-            entry = {"model_output": _random((batch,) + shape[1:], dtype, device, gen),
-                     "sample": _random(shape, dtype, device, gen)}
+            inputs = {"model_output": _random((batch,) + shape[1:], dtype, device, gen),
+                      "sample": _random(shape, dtype, device, gen)}
             if case.op in ("ddim_step_cfg", "ddpm_step"):
-                entry["noise"] = _random(shape, dtype, device, gen)
-            ring.append(entry)
+                inputs["noise"] = _random(shape, dtype, device, gen)
     else:
         channels = shape[1]
         grad = case.op == "group_norm_silu_fwd_bwd"
         # Around a trained network's values (weight ~ 1, bias ~ 0), not exactly them.
         shared["weight"] = (1 + _random((channels,), dtype, device, gen, scale=0.1)).requires_grad_(grad)
         shared["bias"] = _random((channels,), dtype, device, gen, scale=0.1).requires_grad_(grad)
-        for _ in range(ring_sets):
-            entry = {"x": _random(shape, dtype, device, gen, layout).requires_grad_(grad)}
-            if grad:
-                entry["dy"] = _random(shape, dtype, device, gen, layout)
-            ring.append(entry)
-    return Workload(case, device, ring, shared)
+        inputs = {"x": _random(shape, dtype, device, gen, layout).requires_grad_(grad)}
+        if grad:
+            inputs["dy"] = _random(shape, dtype, device, gen, layout)
+    return Workload(case, device, inputs, shared)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +357,7 @@ def eager_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Implementations: impl name -> a callable taking one ring entry and returning the outputs compared with the
+# Implementations: impl name -> a callable taking the case's inputs and returning the outputs compared with the
 # reference (every call does the op's full work; nothing is cached across calls)
 
 ImplFn = Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, ...]]

@@ -1,52 +1,47 @@
 """``python -m diffkern bench``: time every op on every usable backend against the baselines a user would otherwise
 run, report achieved bandwidth and speedups, and optionally write JSON and a plot.
 
-The cases (ops, shapes, dtypes, layouts), byte models, inputs and baselines are in :mod:`diffkern._bench_cases`;
-this module holds the timing method, the reporting and the command line. The pytest-benchmark suite in the
-repository's ``benchmarks/`` uses both, so the two front ends measure the same things the same way (see
-BENCHMARKS.md for the method, the byte models and the commands).
+This module is the benchmarks' one measuring front end: the cases (ops, shapes, dtypes, layouts, byte models,
+inputs, baselines) are in :mod:`diffkern._bench_cases`; :class:`BenchSession` measures them; the command line
+prints and writes the results. The pytest-benchmark suite in the repository's ``benchmarks/`` makes one test per
+(case, impl) from the same case list, runs :meth:`BenchSession.run` and hands its samples to pytest-benchmark,
+so both show the same figures (BENCHMARKS.md describes the method and the commands).
 
-Timing (:func:`measure`):
+Timing (:func:`measure`) is the libraries' own:
 
-- A warm-up call runs first (and compares the outputs with the reference backend's), then ``warmup_calls`` more:
-  Triton compilation and autotuning, ``torch.compile``, cuBLAS/cuDNN handles and allocator growth all happen
-  there, never inside a timed round.
-- The call is repeated in *rounds* of ``calls_per_round`` back-to-back calls, sized from a rough estimate so that
-  a round lasts at least ``min_round_s`` and all rounds together about ``budget_s``. On a GPU each round is
-  bracketed by two CUDA events on the current stream and ends with a synchronisation, so every round starts on an
-  idle device and is measured on the device's clock; on a CPU the clock is ``time.perf_counter``. The reported
-  time per call is the median over rounds of (round time / calls per round).
-- Each call takes the next input set from a ring (:func:`ring_length`): on a GPU the ring holds more than twice
-  the L2 cache's size of inputs, so no call finds its inputs in L2 from an earlier call. Inputs are random
-  normal values, never zeros.
-- Achieved bandwidth is the case's byte model divided by the median time, and is also given as a percentage of
-  the device's copy bandwidth, measured in the same run by timing ``dst.copy_(src)`` of a large tensor the same
-  way (a copy moves 2x the tensor's bytes).
-- Speedup against a baseline is (baseline's median time) / (this impl's median time), both from the same run.
+- on a GPU, ``triton.testing.do_bench``: CUDA events around every call, the L2 cache flushed before each, its
+  warm-up and repetition counts sized from its own first estimate; one sample per call;
+- on a CPU, ``torch.utils.benchmark.Timer.blocked_autorange``: blocks of back-to-back calls on the host clock,
+  with torch's current thread count; one sample per block (its time / calls per block).
 
-JSON (``--json FILE``): an object with ``schema`` ("diffkern-bench/1"), ``created`` (UTC, ISO 8601), ``command``,
+Before timing, a first call per (case, impl) compiles and initialises what is lazy (Triton, ``torch.compile``)
+and gives the outputs compared with the reference backend's. The reported time is the median sample; GB/s is
+the case's byte model (:class:`diffkern._bench_cases.ByteModel`) divided by it, also given as a percentage of
+the copy bandwidth measured in the same run (``dst.copy_(src)`` of a large tensor, timed the same way, 2x its
+bytes); a speedup against a baseline is the baseline's median / this impl's, both from the same run.
+
+JSON (``--json FILE``): an object with ``schema`` (:data:`SCHEMA`), ``created`` (UTC, ISO 8601), ``command``,
 ``device`` (type, name, L2 bytes, memory, ...), ``versions`` (python, torch, CUDA, triton, diffusers, diffkern),
-``timing`` (method and settings), ``copy_bandwidth`` (``bytes_moved``, ``median_ms``, ``gbps``) and ``results``:
-one object per (case, impl) with ``case``, ``op``, ``shape_set``, ``shape``, ``layout``, ``dtype``, ``impl``,
-``kind`` ("diffkern" or "baseline"), ``status`` ("ok", "skipped", "mismatch" or "error"), ``reason``,
-``bytes_moved``, ``byte_model``, ``note``, and when measured ``median_ms``, ``min_ms``, ``q25_ms``, ``q75_ms``,
-``rounds``, ``calls_per_round``, ``ring_sets``, ``clock``, ``gbps``, ``copy_gbps``, ``pct_of_copy``, ``speedups``
-({baseline: ratio}) and ``max_abs_diff_vs_reference`` (null where outputs are not comparable).
+``timing`` (the timer and its budget), ``copy_bandwidth`` (``bytes_per_tensor``, ``bytes_moved``, ``median_ms``,
+``samples``, ``gbps``) and ``results``: one object per (case, impl) with ``case``, ``op``, ``shape_set``,
+``shape``, ``layout``, ``dtype``, ``impl``, ``kind`` ("diffkern" or "baseline"), ``status`` ("ok", "skipped",
+"mismatch" or "error"), ``reason``, ``bytes_moved``, ``byte_model`` (the formula), ``note``, and when measured
+``median_ms``, ``min_ms``, ``q25_ms``, ``q75_ms``, ``samples``, ``calls_per_sample``, ``timer``, ``gbps``,
+``copy_gbps``, ``pct_of_copy``, ``speedups`` ({baseline: ratio}) and ``max_abs_diff_vs_reference`` (null where
+outputs are not comparable).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
-import itertools
 import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,191 +51,70 @@ import torch
 from diffkern import _bench_cases as cases
 from diffkern._bench_cases import BACKEND_IMPLS, BASELINES, IMPLS, Case, Options
 
-SCHEMA = "diffkern-bench/1"
+SCHEMA = "diffkern-bench/2"
 # Diffkern backends must match the reference within this multiple of diffkern.testing's per-dtype tolerance
 # before they are timed: a benchmark only guards against timing a broken kernel (tests/ checks correctness).
 MISMATCH_FACTOR = 16
-DEFAULT_L2_BYTES = 50 * 2**20   # H100's L2, if the device does not report its own
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Timing
 
-
-@dataclass(frozen=True)
-class TimingSettings:
-    budget_s: float         # timed seconds per measurement, roughly: rounds are sized to fit it
-    min_rounds: int
-    max_rounds: int
-    min_round_s: float      # a round lasts at least this long (amortises the events and the synchronisation)
-    warmup_calls: int
-
-
-GPU_SETTINGS = TimingSettings(budget_s=0.3, min_rounds=10, max_rounds=200, min_round_s=5e-3, warmup_calls=3)
-GPU_QUICK_SETTINGS = TimingSettings(budget_s=0.1, min_rounds=5, max_rounds=50, min_round_s=2e-3, warmup_calls=2)
-CPU_SETTINGS = TimingSettings(budget_s=0.05, min_rounds=3, max_rounds=30, min_round_s=2e-3, warmup_calls=1)
-CPU_QUICK_SETTINGS = TimingSettings(budget_s=0.02, min_rounds=3, max_rounds=10, min_round_s=1e-3, warmup_calls=1)
-
-
-def default_settings(device: torch.device, quick: bool = False) -> TimingSettings:
-    if device.type == "cuda":
-        return GPU_QUICK_SETTINGS if quick else GPU_SETTINGS
-    return CPU_QUICK_SETTINGS if quick else CPU_SETTINGS
+# Milliseconds of timed calls per measurement, by device type, full and --quick. On a GPU this is do_bench's
+# ``rep``, with a quarter of it as ``warmup`` (Triton's defaults are 100 and 25); on a CPU blocked_autorange's
+# ``min_run_time``, whose block-size estimate (blocks long enough that the timer's overhead is < 1e-4 of them) is
+# the warm-up and, for small ops, most of the time spent. CPU timings only check the harness, so their budget is
+# short: it keeps CI's run of the suite as fast as the hand-written timing it replaced.
+REP_MS = {"cuda": 100.0, "cpu": 10.0}
+QUICK_REP_MS = {"cuda": 40.0, "cpu": 5.0}
+GPU_TIMER = "triton.testing.do_bench"
+CPU_TIMER = "torch.utils.benchmark.Timer.blocked_autorange"
 
 
 @dataclass
 class Measurement:
-    per_call_s: List[float]     # one value per round: round time / calls per round
-    calls_per_round: int
-    ring_sets: int
-    clock: str
+    """Per-call times from one :func:`measure`: one sample per call (GPU) or per block of calls (CPU)."""
+    samples_s: List[float]
+    calls_per_sample: int
+    timer: str
 
-    @property
-    def rounds(self) -> int:
-        return len(self.per_call_s)
+    def quantile_s(self, q: float) -> float:
+        return torch.quantile(torch.tensor(self.samples_s, dtype=torch.float64), q).item()
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.per_call_s)
+        return self.quantile_s(0.5)
 
     @property
     def min_s(self) -> float:
-        return min(self.per_call_s)
-
-    def quantile_s(self, q: float) -> float:
-        ordered = sorted(self.per_call_s)
-        pos = q * (len(ordered) - 1)
-        low = math.floor(pos)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+        return min(self.samples_s)
 
 
-class _CudaClock:
-    """Rounds timed by CUDA events on the current stream; ``stop`` waits for the round to finish."""
-    name = "cuda-events"
+def measure(fn: Callable[[], Any], device, rep_ms: float) -> Measurement:
+    """Time ``fn()`` for about ``rep_ms`` on ``device``'s clock: ``triton.testing.do_bench`` on a GPU (device time
+    per call, cold L2), ``torch.utils.benchmark`` on a CPU (host time per call, back to back).
 
-    def __init__(self):
-        self._open = None
-        self._rounds: List[Tuple[Any, Any]] = []
+    A host-overhead measurement (the time a caller's thread spends per call, GPU or not) would be a third timer
+    chosen here, ``torch.utils.benchmark`` being the natural one."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
 
-    def start(self) -> None:
-        self._open = torch.cuda.Event(enable_timing=True)
-        self._open.record()
+        times_ms = do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, return_mode="all")
+        return Measurement([t / 1e3 for t in times_ms], 1, GPU_TIMER)
+    from torch.utils.benchmark import Timer
 
-    def stop(self) -> None:
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        self._rounds.append((self._open, end))
-        self._open = None
-
-    def rounds_s(self) -> List[float]:
-        return [start.elapsed_time(end) / 1e3 for start, end in self._rounds]
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=rep_ms / 1e3)
+    return Measurement(list(m.times), m.number_per_run, CPU_TIMER)
 
 
-class _HostClock:
-    name = "perf_counter"
-
-    def __init__(self):
-        self._open = 0.0
-        self._rounds: List[float] = []
-
-    def start(self) -> None:
-        self._open = time.perf_counter()
-
-    def stop(self) -> None:
-        self._rounds.append(time.perf_counter() - self._open)
-
-    def rounds_s(self) -> List[float]:
-        return list(self._rounds)
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-# round_runner(call, rounds, calls_per_round) must call ``call`` rounds * calls_per_round times in a row; calls
-# after that are ignored. The default loops; the pytest suite passes pytest-benchmark's pedantic mode, so that its
-# statistics come from the very same rounds.
-RoundRunner = Callable[[Callable[[], None], int, int], Any]
-
-
-def _loop_runner(call: Callable[[], None], rounds: int, calls_per_round: int) -> None:
-    for _ in range(rounds * calls_per_round):
-        call()
-
-
-def measure(fn: Callable[[Any], Any], ring: Sequence[Any], device, settings: TimingSettings, *,
-            round_runner: Optional[RoundRunner] = None) -> Measurement:
-    """Time ``fn(ring[i % len(ring)])`` for i = 0, 1, ... (the method is in the module docstring)."""
-    device = torch.device(device)
-    sync = synchronizer(device)
-    counter = itertools.count()
-
-    def run_one() -> None:
-        fn(ring[next(counter) % len(ring)])
-
-    for _ in range(settings.warmup_calls):
-        run_one()
-    sync()
-    if settings.min_round_s <= 0 and settings.min_rounds == settings.max_rounds:
-        # Fixed rounds of one call each (whole sampling loops): nothing to size, so no estimate to pay for.
-        calls_per_round, rounds = 1, settings.min_rounds
-    else:
-        # A rough per-call estimate (host clock, synchronised), only to size the rounds.
-        n = 1
-        while True:
-            start = time.perf_counter()
-            for _ in range(n):
-                run_one()
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= settings.min_round_s / 2 or n >= 4096:
-                break
-            n *= 4
-        estimate = max(elapsed / n, 1e-9)
-        calls_per_round = max(1, math.ceil(settings.min_round_s / estimate))
-        rounds = min(max(int(settings.budget_s / (calls_per_round * estimate)), settings.min_rounds),
-                     settings.max_rounds)
-
-    clock = _CudaClock() if device.type == "cuda" else _HostClock()
-    position = itertools.count()
-
-    def call() -> None:
-        i = next(position) % calls_per_round
-        if i == 0:
-            clock.start()
-        run_one()
-        if i == calls_per_round - 1:
-            clock.stop()   # on a GPU this also synchronises: the next round starts on an idle device
-
-    (round_runner or _loop_runner)(call, rounds, calls_per_round)
-    sync()
-    per_round = clock.rounds_s()
-    if len(per_round) < rounds:
-        # The runner did not run all rounds (pytest-benchmark with --benchmark-disable calls the target once).
-        clock = _CudaClock() if device.type == "cuda" else _HostClock()
-        position = itertools.count()
-        _loop_runner(call, rounds, calls_per_round)
-        per_round = clock.rounds_s()
-    return Measurement([t / calls_per_round for t in per_round], calls_per_round, len(ring), clock.name)
-
-
-def l2_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES)
-
-
-def ring_length(set_bytes: int, device: torch.device) -> int:
-    """Input sets to rotate through: enough that the ring holds more than 2x the L2 cache (GPU only; on a CPU the
-    timings are not performance claims and one set is used)."""
-    cache = l2_bytes(device)
-    if cache == 0 or set_bytes <= 0:
-        return 1
-    return 2 * cache // set_bytes + 1
+def timing_info(device, rep_ms: float) -> Dict[str, Any]:
+    """What :func:`measure` does on ``device`` with ``rep_ms``: the JSON's ``timing`` object."""
+    if torch.device(device).type == "cuda":
+        return {"timer": GPU_TIMER, "rep_ms": rep_ms, "warmup_ms": rep_ms / 4,
+                "method": "CUDA events around each call, L2 flushed before each call; median over calls"}
+    return {"timer": CPU_TIMER, "min_run_time_ms": rep_ms, "threads": torch.get_num_threads(),
+            "method": "host clock around blocks of back-to-back calls; median over blocks of time / calls"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,7 +126,7 @@ def device_info(device: torch.device) -> Dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
                 "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory,
-                "l2_bytes": l2_bytes(device)}
+                "l2_bytes": getattr(props, "L2_cache_size", None)}
     return {"type": device.type, "name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
 
@@ -296,14 +170,14 @@ class Result:
             "case": case.id, "op": case.op, "shape_set": case.shape_set, "shape": list(case.shape),
             "layout": case.layout, "dtype": case.dtype, "impl": self.impl,
             "kind": "baseline" if self.impl in BASELINES else "diffkern", "status": self.status, "reason": self.reason,
-            "bytes_moved": case.bytes_moved, "byte_model": case.spec.byte_model,
+            "bytes_moved": case.bytes_moved, "byte_model": case.spec.bytes.formula,
             "note": case.spec.note if self.impl == "diffusers" else "",
         }
         m = self.measurement
         if m is not None:
             out.update(median_ms=m.median_s * 1e3, min_ms=m.min_s * 1e3, q25_ms=m.quantile_s(0.25) * 1e3,
-                       q75_ms=m.quantile_s(0.75) * 1e3, rounds=m.rounds, calls_per_round=m.calls_per_round,
-                       ring_sets=m.ring_sets, clock=m.clock, gbps=self.gbps, copy_gbps=copy_gbps,
+                       q75_ms=m.quantile_s(0.75) * 1e3, samples=len(m.samples_s), calls_per_sample=m.calls_per_sample,
+                       timer=m.timer, gbps=self.gbps, copy_gbps=copy_gbps,
                        pct_of_copy=(100 * self.gbps / copy_gbps) if copy_gbps else None,
                        speedups=dict(self.speedups))
         # JSON has no infinity: a non-finite difference (NaN or inf where the reference is finite) becomes null,
@@ -333,15 +207,15 @@ class BenchSession:
     """Measures (case, impl) pairs on one device and keeps the results, so that speedups come from one run.
 
     Inputs are built once per case and shared by its impls; only the latest case's inputs are kept alive, which
-    bounds memory when running through all cases in order."""
+    bounds memory when running through all cases in order. ``quick`` shortens every measurement (``--quick``)."""
 
-    def __init__(self, device, *, options: Options = Options(), settings: Optional[TimingSettings] = None,
-                 quick: bool = False, seed: int = 0, baselines: Sequence[str] = BASELINES):
+    def __init__(self, device, *, options: Options = Options(), quick: bool = False, seed: int = 0,
+                 baselines: Sequence[str] = BASELINES):
         self.device = torch.device(device)
         self.options = options
         self.baselines = tuple(baselines)   # the baselines measured for speedups (the command line's --impls)
         self.quick = quick
-        self.settings = settings or default_settings(self.device, quick)
+        self.rep_ms = (QUICK_REP_MS if quick else REP_MS)[self.device.type]
         self.seed = seed
         self.results: Dict[Tuple[str, str], Result] = {}
         self._workload: Optional[cases.Workload] = None
@@ -350,19 +224,20 @@ class BenchSession:
     # The copy probe --------------------------------------------------------------------------------------------
 
     def copy_bandwidth(self) -> Dict[str, Any]:
-        """Device-to-device copy bandwidth, timed like the ops (measured once per session)."""
+        """Device-to-device copy bandwidth, timed like the ops (measured once per session): a 256 MiB tensor on a
+        GPU (many times any L2), 64 MiB on a CPU (16 MiB with ``quick``)."""
         if self._copy is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                size = min(max(256 * 2**20, 4 * l2_bytes(self.device)), free // 8)
+                size = min(256 * 2**20, free // 8)
             else:
                 size = (16 if self.quick else 64) * 2**20
             src = torch.randn(size // 4, device=self.device)
             dst = torch.empty_like(src)
-            m = measure(lambda s: s[1].copy_(s[0]), [(src, dst)], self.device, self.settings)
+            m = measure(lambda: dst.copy_(src), self.device, self.rep_ms)
             moved = 2 * src.nbytes
             self._copy = {"bytes_per_tensor": src.nbytes, "bytes_moved": moved, "median_ms": m.median_s * 1e3,
-                          "rounds": m.rounds, "calls_per_round": m.calls_per_round, "gbps": moved / m.median_s / 1e9}
+                          "samples": len(m.samples_s), "gbps": moved / m.median_s / 1e9}
             del src, dst
         return self._copy
 
@@ -371,18 +246,16 @@ class BenchSession:
     def workload(self, case: Case) -> cases.Workload:
         if self._workload is None or self._workload.case != case:
             self._workload = None   # release the previous case's inputs before allocating this one's
-            ring = ring_length(case.input_bytes, self.device)
-            self._workload = cases.build_workload(case, self.device, ring, seed=self.seed)
+            self._workload = cases.build_workload(case, self.device, seed=self.seed)
         return self._workload
 
-    def run(self, case: Case, impl: str, *, round_runner: Optional[RoundRunner] = None,
-            raise_errors: bool = False) -> Result:
-        """Measure ``impl`` on ``case`` (once per session: a repeated request returns the stored result unless
-        ``round_runner`` asks for a fresh measurement through it). A diffkern backend first makes sure its case's
-        baselines (those of ``self.baselines``) are measured; a baseline, the baselines before it in
-        ``BASELINES``."""
+    def run(self, case: Case, impl: str, *, raise_errors: bool = False) -> Result:
+        """Measure ``impl`` on ``case`` (once per session: a repeated request returns the stored result). A
+        diffkern backend first makes sure its case's baselines (those of ``self.baselines``) are measured; a
+        baseline, the baselines before it in ``BASELINES``. An impl's exception becomes an "error" result unless
+        ``raise_errors``."""
         key = (case.id, impl)
-        if key in self.results and round_runner is None:
+        if key in self.results:
             return self.results[key]
         reason = cases.unavailable_reason(case, impl, self.device, self.options)
         if reason is not None:
@@ -394,7 +267,7 @@ class BenchSession:
                         and (case.id, baseline) not in self.results:
                     self.run(case, baseline, raise_errors=raise_errors)
             try:
-                result = self._measure(case, impl, round_runner)
+                result = self._measure(case, impl)
             except Exception as exc:  # a failing impl is a result of the run, not the end of it
                 if raise_errors:
                     raise
@@ -404,11 +277,11 @@ class BenchSession:
             result.speedups = self.speedups(case, impl)
         return result
 
-    def _measure(self, case: Case, impl: str, round_runner: Optional[RoundRunner]) -> Result:
+    def _measure(self, case: Case, impl: str) -> Result:
         workload = self.workload(case)
-        fn = cases.make_impl(workload, impl)
+        fn = functools.partial(cases.make_impl(workload, impl), workload.inputs)
         # The first call: compilation and lazy initialisation, and the outputs to compare.
-        outputs = fn(workload.ring[0])
+        outputs = fn()
         diff = None
         if cases.compares_with_reference(case, impl):
             expected = workload.expected()
@@ -419,8 +292,7 @@ class BenchSession:
                               f"{MISMATCH_FACTOR}x diffkern.testing's {case.dtype} tolerance); not timed",
                               max_abs_diff=diff)
         del outputs
-        m = measure(fn, workload.ring, self.device, self.settings, round_runner=round_runner)
-        return Result(case, impl, "ok", measurement=m, max_abs_diff=diff)
+        return Result(case, impl, "ok", measurement=measure(fn, self.device, self.rep_ms), max_abs_diff=diff)
 
     def speedups(self, case: Case, impl: str) -> Dict[str, float]:
         """{baseline: baseline time / impl time} over the baselines measured so far for ``case``."""
@@ -435,14 +307,7 @@ class BenchSession:
         return out
 
     def timing_info(self) -> Dict[str, Any]:
-        s = self.settings
-        return {"method": "median over rounds of round time / calls per round; rounds timed with "
-                          + ("CUDA events, synchronised after each round" if self.device.type == "cuda"
-                             else "time.perf_counter"),
-                "budget_s": s.budget_s, "min_rounds": s.min_rounds, "max_rounds": s.max_rounds,
-                "min_round_s": s.min_round_s, "warmup_calls": s.warmup_calls, "l2_bytes": l2_bytes(self.device),
-                "ring": "input sets rotated per call, totalling > 2x L2" if self.device.type == "cuda"
-                        else "one input set (no L2 rotation on CPU)"}
+        return timing_info(self.device, self.rep_ms)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,7 +333,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def format_case(case: Case, results: Sequence[Result], copy_gbps: Optional[float]) -> str:
-    lines = [f"{case.title}   [{case.shape_set}; {case.spec.byte_model} = {_fmt_bytes(case.bytes_moved)}]"]
+    lines = [f"{case.title}   [{case.shape_set}; {case.spec.bytes.formula} = {_fmt_bytes(case.bytes_moved)}]"]
     for r in results:
         if r.measurement is None:
             if r.status != "skipped":
@@ -604,7 +469,8 @@ def _run(args: argparse.Namespace, argv: List[str], device: torch.device) -> int
     copy = session.copy_bandwidth()
     copy_gbps = copy["gbps"]
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s ({_fmt_bytes(copy['bytes_per_tensor'])} tensor)")
-    print("time = median per call; GB/s from the byte model; speedup = baseline time / this time\n")
+    print(f"time = median per call ({session.timing_info()['timer']}); GB/s from the byte model "
+          "(diffkern/_bench_cases.py: OPS); speedup = baseline time / this time\n")
 
     ordered: List[Result] = []
     for case in selected:

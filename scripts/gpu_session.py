@@ -39,9 +39,9 @@ correctness 140 s   ~2 minutes of pytest: every op x backend at the headline sha
 memcheck     40 s   ``sanitizer_cases.py --quick`` (93 small cases) under memcheck: ~15 s of torch start-up
                     under the sanitizer, then ms per instrumented launch
 racecheck    40 s   the same cases under racecheck (shared-memory GroupNorm reductions are the slow part)
-bench       130 s   ~90 (case, impl) measurements at ~0.5 s each (0.3 s timed + warm-up), Triton compiles, and
-                    at most 30% of the cap for torch.compile baselines (~5-15 s per case; over that budget the
-                    rest are skipped with a note)
+bench       130 s   ~90 (case, impl) measurements at ~0.2 s each (do_bench: 100 ms timed, 25 ms warm-up, its
+                    estimate), Triton compiles, and at most 30% of the cap for torch.compile baselines (~5-15 s
+                    per case; over that budget the rest are skipped with a note)
 suite       rest    the remaining test suite (everything stage ``correctness`` did not run, read from its JUnit
                     report), GPU test files first
 =========== ====== ==========================================================================================
@@ -53,7 +53,7 @@ Files written into DIR (flat, at most 8: all that the GPU tool brings back):
 
 ``summary.md`` (the stage table, also printed last), ``logs.txt`` (every stage's output, appended as it runs),
 ``env.json``, ``correctness.xml`` and ``suite.xml`` (pytest JUnit reports), ``sanitizer.txt`` (per tool: exit
-status and the sanitizer's error lines), ``bench.json`` (schema ``diffkern-bench/1``, as ``python -m diffkern
+status and the sanitizer's error lines), ``bench.json`` (schema ``diffkern-bench/2``, as ``python -m diffkern
 bench --json`` writes it) and ``bench.md`` (the rows BENCHMARKS.md takes).
 
 ``run --dry-run`` runs the same stages with CPU tensors and tiny selections: a few tests, the sanitizer case list

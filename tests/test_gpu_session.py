@@ -85,7 +85,7 @@ def test_dry_run_stage_files(dry_run):
     assert "## memcheck: ok" in sanitizer and "## racecheck: timeout" in sanitizer
     assert re.search(r"^ok: \d+ cases listed", sanitizer, re.MULTILINE)
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["schema"] == "diffkern-bench/1" and bench["copy_bandwidth"]["gbps"] > 0
+    assert bench["schema"] == "diffkern-bench/2" and bench["copy_bandwidth"]["gbps"] > 0
     assert {r["impl"] for r in bench["results"] if r["status"] == "ok"} >= {"eager", "reference"}
     assert "| op | shape set | layout | impl | time |" in (out / "bench.md").read_text()
 
