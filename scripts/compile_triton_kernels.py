@@ -3,9 +3,9 @@
 The Triton interpreter (what CI runs the kernels in) executes the kernels' Python with numpy: it never lowers
 them to PTX and SASS, so it cannot see what only the GPU compiler rejects (an op or type combination the
 lowering does not support, a block that does not fit the arch's limits). This script drives the public API with
-``backend="triton"`` on small CPU tensors over a covering set of options — every dtype, prediction type,
-variance type, clip/threshold/guidance/noise flag, GroupNorm regime, layout and affine combination — with two
-substitutions:
+``backend="triton"`` (GroupNorm: the backend's entry points, on plans with the regime forced) on small CPU
+tensors over a covering set of options — every dtype, prediction type, variance type, clip/threshold/guidance/noise
+flag, GroupNorm regime, layout and affine combination — with two substitutions:
 
 - Triton's active driver is replaced by one that reports a CUDA target of the arch asked for (no device needed:
   Triton's bundled ``ptxas`` produces the cubin), and
@@ -103,8 +103,8 @@ class CompileLog:
 def launched_kernels() -> set:
     """Every ``*_kernel`` JIT function of the diffkern.triton modules: the kernels the launchers launch."""
     names = set()
-    for info in pkgutil.iter_modules(diffkern.triton.__path__):
-        module = importlib.import_module(f"diffkern.triton.{info.name}")
+    for info in pkgutil.walk_packages(diffkern.triton.__path__, "diffkern.triton."):  # packages' modules too
+        module = importlib.import_module(info.name)
         for attr, value in vars(module).items():
             if isinstance(value, JITFunction) and attr.endswith("_kernel") and value.fn.__module__ == module.__name__:
                 names.add(value.fn.__name__)
@@ -165,10 +165,12 @@ def group_norm_cases(dtype: torch.dtype):
         offsets_64 = i == 0
 
         def forward_backward(x=x, weight=weight, bias=bias, regime=regime, offsets_64=offsets_64):
-            inputs = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
-            with triton_gn._override_plan(regime=regime, offsets_64=offsets_64, sm_count=132):
-                y = diffkern.group_norm_silu(x, 3, weight, bias, backend="triton")
-                torch.autograd.grad(y, inputs, torch.ones_like(y))
+            # The backend's entry points on the (N, C, S) view the op hands them, with the regime forced.
+            x3 = x.view(2, 12, -1)
+            forward, backward = (triton_gn.plan_for(x3, 3, tuning, sm_count=132, regime=regime, offsets_64=offsets_64)
+                                 for tuning in (triton_gn.FORWARD, triton_gn.BACKWARD))
+            y, mean, rstd = triton_gn.group_norm_silu_forward(x3, weight, bias, 3, 1e-5, plan=forward)
+            triton_gn.group_norm_silu_backward(torch.ones_like(y), x3, weight, bias, mean, rstd, 3, plan=backward)
 
         layout = "channels_last" if channels_last else "nchw"
         yield f"group_norm_silu {regime} {layout} affine={affine} offsets_64={offsets_64}", forward_backward

@@ -1,13 +1,14 @@
-"""The Triton GroupNorm+SiLU kernels (``diffkern/triton/group_norm_silu.py``), forward and backward.
+"""The Triton GroupNorm+SiLU kernels (``diffkern/triton/group_norm_silu/``), forward and backward.
 
-Each case runs the public op with ``backend="triton"`` and asserts that the Triton backend ran and which regime
-(single / looped / split) the kernels took, then compares the output and the gradients of x, weight and bias
-with ``backend="reference"`` and with float64 autograd of ``F.silu(F.group_norm(...))``, through the one
-tolerance table of ``diffkern.testing`` (dweight/dbias, sums of N * S terms, through ``assert_close_sum``: the
-table plus the fp32 accumulation bound, at every size). Inputs are fresh random draws every run
-(``conftest``). Small test shapes reach the looped and split regimes through the module's ``_override_plan``
-hook (smaller loop tiles, a forced regime and chunk count); the default heuristic is tested on its own, shapes
-only.
+Each case runs the Triton kernels, on the heuristic's plan through the public op with ``backend="triton"``
+(asserting that the Triton backend ran), or on an explicit plan through the backend's entry points (their
+``plan`` argument), then compares the output and the gradients of x, weight and bias with
+``backend="reference"`` and with float64 autograd of ``F.silu(F.group_norm(...))``, through the one tolerance
+table of ``diffkern.testing`` (dweight/dbias, sums of N * S terms, through ``assert_close_sum``: the table plus
+the fp32 accumulation bound, at every size). Inputs are fresh random draws every run (``conftest``). Small test
+shapes reach the looped and split regimes through plans made with some of the planner's decisions forced
+(smaller loop tiles, a regime and chunk count: ``plan_for``'s keywords); the default heuristic is tested on its
+own, shapes only.
 
 Without a GPU the kernels run in the Triton interpreter on CPU tensors, which rounds fp32 to bf16 by
 truncation (GPUs round to nearest even): one bf16 ulp at most, inside bf16's tolerance.
@@ -88,15 +89,32 @@ def float64_truth(x, dy, num_groups, weight, bias, eps):
     return y64.detach(), x64.grad, None if w64 is None else w64.grad, None if b64 is None else b64.grad
 
 
-def check_op(tgn, x, dy, num_groups, weight=None, bias=None, eps=1e-5, *, regime=None, **overrides):
-    """Triton against the reference and float64 autograd; asserts the regime both directions ran in."""
-    if regime is not None:
-        overrides["regime"] = regime
-    with tgn._override_plan(**overrides):
+def as_3d(t):
+    """The ``(N, C, S)`` view the op hands the backend (NCHW and channels-last inputs are views)."""
+    return t.view(t.shape[0], t.shape[1], -1)
+
+
+def plans_for(tgn, x, num_groups, **forced):
+    """The (forward, backward) plans for ``x`` (any rank), the planner's decisions in ``forced`` replaced."""
+    return tuple(tgn.plan_for(as_3d(x), num_groups, tuning, **forced) for tuning in (tgn.FORWARD, tgn.BACKWARD))
+
+
+def run_planned(tgn, x, dy, num_groups, weight, bias, eps, plans):
+    """y and the gradients (x, weight, bias) from the backend's entry points on ``plans``, as the op returns them."""
+    x3, dy3 = as_3d(x), as_3d(dy)
+    y, mean, rstd = tgn.group_norm_silu_forward(x3, weight, bias, num_groups, eps, plan=plans[0])
+    dx, dweight, dbias = tgn.group_norm_silu_backward(dy3, x3, weight, bias, mean, rstd, num_groups, plan=plans[1])
+    return (y.view(x.shape), dx.view(x.shape), None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
+
+
+def check_op(tgn, x, dy, num_groups, weight=None, bias=None, eps=1e-5, *, plans=None):
+    """Triton against the reference and float64 autograd: the public op (the heuristic's plans), or the backend's
+    entry points on ``plans`` (forward, backward)."""
+    if plans is None:
         fast = run_op(x, dy, num_groups, weight, bias, eps, "triton")
-    if regime is not None:
-        assert tgn._last_plan["forward"].regime == regime
-        assert tgn._last_plan["backward"].regime == regime
+    else:
+        fast = run_planned(tgn, x, dy, num_groups, weight, bias, eps, plans)
     assert same_layout(fast[0], x), "y must keep x's layout"
     expected = run_op(x, dy, num_groups, weight, bias, eps, "reference")
     truth = float64_truth(x, dy, num_groups, weight, bias, eps)
@@ -154,22 +172,24 @@ REGIME_CASES = [
 @pytest.mark.parametrize("regime,channels_last,dtype,shape,num_groups,tile,chunks", REGIME_CASES, ids=str)
 def test_regimes(tgn, randn, regime, channels_last, dtype, shape, num_groups, tile, chunks):
     x, dy, weight, bias = make_inputs(randn, shape, dtype, channels_last=channels_last, param_dtype=torch.float32)
-    check_op(tgn, x, dy, num_groups, weight, bias, regime=regime, loop_tile_elems=tile, chunks=chunks)
-    plan = tgn._last_plan["forward"]
+    plans = plans_for(tgn, x, num_groups, regime=regime, loop_tile_elems=tile, chunks=chunks)
+    check_op(tgn, x, dy, num_groups, weight, bias, plans=plans)
+    plan = plans[0]
     assert plan.c_tiles * plan.s_tiles > 1
     if regime == "split":
         assert 1 < plan.chunks < plan.c_tiles * plan.s_tiles
 
 
 def test_default_plan_splits_few_large_groups(tgn, randn):
-    """No overrides: one group of 18K elements, on the interpreter's stand-in SM count, is split."""
+    """Nothing forced: one group of 18K elements, on the interpreter's stand-in SM count, is split (the plans the
+    op runs on)."""
     x, dy, weight, bias = make_inputs(randn, (1, 2, 96, 96), torch.float16, channels_last=True)
+    for plan in plans_for(tgn, x, 1):
+        assert plan.regime == "split" and plan.chunks > 1
     check_op(tgn, x, dy, 1, weight, bias)
-    assert tgn._last_plan["forward"].regime == "split" and tgn._last_plan["forward"].chunks > 1
-    assert tgn._last_plan["backward"].regime == "split" and tgn._last_plan["backward"].chunks > 1
 
 
-# name -> (shape, num_groups, channels_last, (has weight, has bias), plan overrides)
+# name -> (shape, num_groups, channels_last, (has weight, has bias), forced plan decisions)
 EDGE_CASES = {
     "spatial_1x1": ((3, 8, 1, 1), 4, False, (True, True), {}),
     "rank3": ((2, 8, 13), 4, False, (True, True), {}),
@@ -200,15 +220,16 @@ EDGE_PARAMS = [pytest.param("single", *case, id=f"single-{name}") for name, case
     [pytest.param("split", *case, id=f"split-{name}") for name, case in SPLIT_EDGE_CASES.items()]
 
 
-@pytest.mark.parametrize("regime,shape,num_groups,channels_last,affine,overrides", EDGE_PARAMS)
-def test_edge_cases(tgn, randn, regime, shape, num_groups, channels_last, affine, overrides):
+@pytest.mark.parametrize("regime,shape,num_groups,channels_last,affine,forced", EDGE_PARAMS)
+def test_edge_cases(tgn, randn, regime, shape, num_groups, channels_last, affine, forced):
     dtype = torch.float16 if regime == "single" else torch.bfloat16
     if regime == "split":
-        overrides = dict(overrides, loop_tile_elems=8, chunks=2)
+        forced = dict(forced, loop_tile_elems=8, chunks=2)
     x, dy, weight, bias = make_inputs(randn, shape, dtype, channels_last=channels_last, affine=affine)
-    check_op(tgn, x, dy, num_groups, weight, bias, regime=regime, **overrides)
-    for direction in ("forward", "backward"):
-        assert tgn._last_plan[direction].offsets_64 == overrides.get("offsets_64", False)
+    plans = plans_for(tgn, x, num_groups, regime=regime, **forced)
+    for plan in plans:
+        assert plan.offsets_64 == forced.get("offsets_64", False)
+    check_op(tgn, x, dy, num_groups, weight, bias, plans=plans)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,10 +250,9 @@ def test_large_mean(tgn, randn, regime, dtype, channels_last):
     shape, num_groups, eps = (1, 4, 6, 7), 2, 1e-5
     x, dy, weight, bias = make_inputs(randn, shape, dtype, channels_last=channels_last, shift=1000.0)
     x3, dy3 = x.flatten(2), dy.flatten(2)
-    with tgn._override_plan(regime=regime, loop_tile_elems=32, chunks=2):
-        y, mean, rstd = tgn.group_norm_silu_forward(x3, weight, bias, num_groups, eps)
-        dx, dweight, dbias = tgn.group_norm_silu_backward(dy3, x3, weight, bias, mean, rstd, num_groups)
-    assert tgn._last_plan["forward"].regime == regime
+    forward, backward = plans_for(tgn, x3, num_groups, regime=regime, loop_tile_elems=32, chunks=2)
+    y, mean, rstd = tgn.group_norm_silu_forward(x3, weight, bias, num_groups, eps, plan=forward)
+    dx, dweight, dbias = tgn.group_norm_silu_backward(dy3, x3, weight, bias, mean, rstd, num_groups, plan=backward)
 
     grouped = x3.double().reshape(shape[0], num_groups, -1)
     assert_close(mean, grouped.mean(dim=2))
@@ -254,14 +274,14 @@ def test_bitwise_deterministic(tgn, randn, regime):
     x, dy, weight, bias = make_inputs(randn, (2, 2, 3, 8), torch.bfloat16, channels_last=True,
                                       param_dtype=torch.float32)
     x3, dy3 = x.flatten(2), dy.flatten(2)
+    forward, backward = plans_for(tgn, x3, 1, regime=regime, loop_tile_elems=16, chunks=3)
+    if regime == "split":
+        assert backward.s_chunks == 3
     results = []
     for _ in range(2):
-        with tgn._override_plan(regime=regime, loop_tile_elems=16, chunks=3):
-            y, mean, rstd = tgn.group_norm_silu_forward(x3, weight, bias, 1, 1e-5)
-            results.append((y, mean, rstd) + tgn.group_norm_silu_backward(dy3, x3, weight, bias, mean, rstd, 1))
-        assert tgn._last_plan["backward"].regime == regime
-    if regime == "split":
-        assert tgn._last_plan["backward"].s_chunks == 3
+        y, mean, rstd = tgn.group_norm_silu_forward(x3, weight, bias, 1, 1e-5, plan=forward)
+        results.append((y, mean, rstd) + tgn.group_norm_silu_backward(dy3, x3, weight, bias, mean, rstd, 1,
+                                                                      plan=backward))
     for first, second in zip(*results):
         assert torch.equal(first, second)
     expected = group_norm_silu_backward_reference(dy3, x3, weight, bias, results[0][1], results[0][2], 1)
@@ -299,7 +319,7 @@ def test_float64_uses_float64_math(tgn, randn):
 
 
 def draw_case(gen):
-    """A random problem and plan override: rank 3-5, odd sizes, any layout, dtype, affine and regime."""
+    """A random problem and forced plan decisions: rank 3-5, odd sizes, any layout, dtype, affine and regime."""
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=gen))]
 
@@ -314,21 +334,22 @@ def draw_case(gen):
                    affine=(pick([False, True]), pick([False, True])), eps=pick([1e-6, 1e-5, 1e-3, 0.1]))
     options["param_dtype"] = pick([options["dtype"], torch.float32])
     regime = pick(["auto", "looped", "split"])
-    overrides = {}
+    forced = {}
     if regime != "auto":
         # Tiles of 1/6 to 1/3 of a group: a few tiles per group, which keeps the interpreter quick.
         group_elems = cpg * math.prod(spatial)
-        overrides = dict(regime=regime, loop_tile_elems=max(2, 1 << max(0, (group_elems // 3).bit_length() - 1)),
-                         chunks=between(2, 5), offsets_64=pick([False, True]))
-    return shape, num_groups, options, overrides
+        forced = dict(regime=regime, loop_tile_elems=max(2, 1 << max(0, (group_elems // 3).bit_length() - 1)),
+                      chunks=between(2, 5), offsets_64=pick([False, True]))
+    return shape, num_groups, options, forced
 
 
 @pytest.mark.parametrize("draw", range(6))
 def test_random_sweep(tgn, randn, gen, draw):
-    shape, num_groups, options, overrides = draw_case(gen)
+    shape, num_groups, options, forced = draw_case(gen)
     eps = options.pop("eps")
     x, dy, weight, bias = make_inputs(randn, shape, options.pop("dtype"), **options)
-    check_op(tgn, x, dy, num_groups, weight, bias, eps, **overrides)
+    plans = plans_for(tgn, x, num_groups, **forced) if forced else None  # nothing forced: the op's own plans
+    check_op(tgn, x, dy, num_groups, weight, bias, eps, plans=plans)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -360,10 +381,10 @@ def test_module_matches_groupnorm_then_silu(tgn, randn, channels_last):
 def test_plan_for_stable_diffusion_shapes(tgn, backward):
     """The heuristic on an H100 (132 SMs): few large groups split, small groups read once, many large groups
     loop."""
-    tuning = tgn._BACKWARD_TUNING if backward else tgn._FORWARD_TUNING
+    tuning = tgn.BACKWARD if backward else tgn.FORWARD
 
     def regime(n, c, s, channels_last=False):
-        return tgn._make_plan(n, c, s, 32, channels_last, 132, tuning).regime
+        return tgn.make_plan((n, c, s), 32, channels_last, 132, tuning).regime
 
     assert regime(1, 320, 64 * 64) == "split"
     assert regime(2, 320, 64 * 64, channels_last=True) == "split"
@@ -384,9 +405,9 @@ def test_plan_tiles_and_chunks_cover_each_group_once(tgn, gen, draw):
         batch, sm_count = values[3] % 4 + 1, values[4] % 200 + 1
         chunks = None if values[5] % 3 == 0 else values[5] % 40 + 1
         regime = [None, "looped", "split", "single"][values[0] % 4]
-        for tuning in (tgn._FORWARD_TUNING, tgn._BACKWARD_TUNING):
-            plan = tgn._make_plan(batch, cpg * num_groups, spatial, num_groups, channels_last, sm_count, tuning,
-                                  regime=regime, chunks=chunks)
+        for tuning in (tgn.FORWARD, tgn.BACKWARD):
+            plan = tgn.make_plan((batch, cpg * num_groups, spatial), num_groups, channels_last, sm_count, tuning,
+                                 regime=regime, chunks=chunks)
             if regime is None and plan.regime == "single":
                 assert plan.block_s * plan.block_c <= tuning.single_read_elems
             assert (plan.c_tiles - 1) * plan.block_c < cpg <= plan.c_tiles * plan.block_c
@@ -394,6 +415,18 @@ def test_plan_tiles_and_chunks_cover_each_group_once(tgn, gen, draw):
             assert (plan.c_chunks - 1) * plan.c_tiles_per_chunk < plan.c_tiles <= plan.c_chunks * plan.c_tiles_per_chunk
             assert (plan.s_chunks - 1) * plan.s_tiles_per_chunk < plan.s_tiles <= plan.s_chunks * plan.s_tiles_per_chunk
             assert plan.regime == "split" or plan.chunks == 1
+
+
+def test_plan_must_be_for_the_call(tgn, randn):
+    """A plan made for another shape, group count or layout is refused, not run."""
+    x = randn(2, 8, 15)
+    plan = tgn.plan_for(x, 4, tgn.FORWARD)
+    channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((randn(2, 8, 16), 4), (x, 2), (channels_last, 4)):
+        with pytest.raises(ValueError, match="the plan is for"):
+            tgn.group_norm_silu_forward(args[0], None, None, args[1], 1e-5, plan=plan)
+    with pytest.raises(ValueError, match="regime must be one of"):
+        tgn.plan_for(x, 4, tgn.FORWARD, regime="fused")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,14 +438,16 @@ def test_plan_tiles_and_chunks_cover_each_group_once(tgn, gen, draw):
 def test_row_sum_loops_over_a_runtime_bound(tgn, gen, rows, block_r):
     """The dweight/dbias row sum, alone: ``for row0 in range(0, R, BLOCK_R)`` with R a kernel argument, the
     loop form of every looped and split kernel. Under Triton 3.6's interpreter with NumPy >= 2.4 that loop
-    raised ``TypeError('only 0-dimensional arrays can be converted to Python scalars')`` (see the module
-    docstring). Small integers sum exactly in fp32 in any order, so the result must be exact."""
+    raised ``TypeError('only 0-dimensional arrays can be converted to Python scalars')`` (see
+    ``diffkern/triton/group_norm_silu/_interpreter.py``). Small integers sum exactly in fp32 in any order, so the
+    result must be exact."""
     planes, channels, block_c = 2, 19, 16
     part = torch.randint(-1000, 1001, (planes, rows, channels), generator=gen).to(device=DEVICE,
                                                                                   dtype=torch.float32)
     dw = torch.full((channels,), float("nan"), device=DEVICE)
     db = torch.full((channels,), float("nan"), device=DEVICE)
-    tgn._sum_partial_rows_kernel[(triton_cdiv(channels, block_c), planes)](
+    kernels = importlib.import_module("diffkern.triton.group_norm_silu._backward")
+    kernels.sum_partial_rows_kernel[(triton_cdiv(channels, block_c), planes)](
         part, dw, db, rows, channels, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_R=block_r, BLOCK_C=block_c)
     expected = part.double().sum(dim=1).float()
     assert torch.equal(dw, expected[0]) and torch.equal(db, expected[1])
@@ -448,8 +483,8 @@ def test_tensors_past_2_to_the_31_elements(tgn, gen):
     device_gen = torch.Generator(DEVICE).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     x.normal_(generator=device_gen)
     dy = torch.empty_like(x).normal_(generator=device_gen)
+    assert all(plan.offsets_64 for plan in plans_for(tgn, x, num_groups))
     y, mean, rstd = tgn.group_norm_silu_forward(x, None, None, num_groups, 1e-5)
-    assert tgn._last_plan["forward"].offsets_64
     dx, _, _ = tgn.group_norm_silu_backward(dy, x, None, None, mean, rstd, num_groups)
     for n, g in ((0, 0), (1, num_groups - 1)):
         cols = slice(g, g + 1)

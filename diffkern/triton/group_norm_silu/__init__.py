@@ -1,0 +1,197 @@
+"""GroupNorm + SiLU in Triton, forward and backward.
+
+The math and the backend contract are in ``diffkern/ops/group_norm_silu.py``; this package implements
+``group_norm_silu_forward`` and ``group_norm_silu_backward`` with the reference functions' signatures.
+
+Layouts
+    ``x`` is the 3-D view ``(N, C, S)``, either NCHW (strides ``(C*S, S, 1)``) or channels-last (strides
+    ``(C*S, 1, C)``). Every kernel works on 2-D tiles ``[BLOCK_S pixels, BLOCK_C channels]`` of one
+    (n, g) group, addressed as ``group_base + s * stride_s + c * stride_c``. In NCHW a group is one contiguous
+    run and the tile's pixel axis is the contiguous one; in channels-last a group is C/G contiguous channels
+    strided by C and the tile's channel axis is. Loads coalesce along whichever axis is contiguous; nothing
+    is ever copied to the other layout. Outputs take ``x``'s strides (``torch.empty_like``).
+
+    C/G is a compile-time constant of every kernel (a model uses a handful of values, so few compiles): the
+    compiler then knows how a channels-last group is aligned, issues 16-byte accesses when C/G is a
+    multiple of 8 halves or 4 floats (SD's C/G of 10 allows 4 bytes: its groups are 20-byte runs), and
+    folds the channel masks.
+
+Statistics
+    Each tile computes its exact mean and M2 = sum((x - tile_mean)^2) in registers, and tiles and chunks
+    are combined with Chan's parallel formula: a one-pass, fp32 variance that does not cancel for
+    |mean| >> std the way sum(x^2)/M - mean^2 does. Normalization is ``(x - mean) * rstd`` (not a folded
+    ``x * a + b``, which cancels the same way for large means).
+
+Backward
+    The SiLU derivative is recomputed from x, mean and rstd (nothing else is saved). Per (n, g) the kernels
+    reduce sum(dxhat) and sum(dxhat * xhat), then dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat)).
+    dweight/dbias: every program writes per-channel partial sums into one row of a ``[P, R, C]`` fp32
+    buffer (P planes: dweight and/or dbias; R = N * spatial chunks; each entry is written exactly once, so
+    no memset), and a small kernel sums the rows in a fixed order. No float atomics anywhere: results are
+    bitwise reproducible from run to run.
+
+Indexing
+    Per-group and per-row base offsets are 64-bit scalars; offsets inside a sample are 32-bit unless one
+    sample has 2^31 elements or more (then ``OFFSETS_64`` widens them too).
+
+float64 input runs the reference functions: the contract asks for float64 statistics there (so that
+``gradcheck`` sees float64 math), and float64 GroupNorm is a correctness tool, not a hot path.
+
+Files
+    ``_plan.py`` the planner (regimes, tiles, chunks: a ``Plan``, from shapes and the SM count);
+    ``_device.py`` the device functions the kernels share; ``_forward.py`` and ``_backward.py`` the kernels;
+    ``_interpreter.py`` a fix for Triton 3.6's interpreter. This file: the entry points, which take an
+    optional ``plan`` (the heuristic's, ``plan_for``, when none is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from diffkern.ops._common import float64_runs_reference
+from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
+from diffkern.triton.group_norm_silu import _interpreter
+from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
+                                                        sum_partial_rows_kernel)
+from diffkern.triton.group_norm_silu._forward import fwd_chunk_apply_kernel, fwd_chunk_moments_kernel, fwd_group_kernel
+from diffkern.triton.group_norm_silu._plan import (BACKWARD, FORWARD, REGIMES, Plan, layout_of, make_plan, next_pow2,
+                                                    plan_for)
+
+__all__ = ["BACKWARD", "FORWARD", "REGIMES", "Plan", "group_norm_silu_backward", "group_norm_silu_forward",
+           "make_plan", "plan_for"]
+
+_interpreter.fix_triton36_interpreter()
+
+# FMA contraction on, explicitly (Triton 3.9 warns that its default will flip): one rounding instead of two
+# in the affine and the dx update.
+_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _param(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    # A [C] view with a stride is made dense (C elements, not a hot-path cost). Absent parameters pass a
+    # placeholder pointer that the kernels never read (HAS_WEIGHT / HAS_BIAS are False).
+    return placeholder if param is None else param.contiguous()
+
+
+def _in_kernel_layout(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
+    """``t`` and whether it is channels-last. The op always passes NCHW or channels-last views (then this
+    returns ``t`` itself); anything else, or a tensor whose layout differs from ``like``'s, is copied into
+    ``like``'s layout (or NCHW) so that the semantics match the reference for any strides."""
+    channels_last = layout_of(t)
+    if like is not None:
+        target = layout_of(like)
+        if channels_last != target or (t.shape != like.shape):
+            return torch.empty_like(like).copy_(t), bool(target)
+        return t, bool(channels_last)
+    if channels_last is None:
+        return t.contiguous(), False
+    return t, channels_last
+
+
+def _checked_plan(plan: Optional[Plan], x: torch.Tensor, num_groups: int, channels_last: bool, tuning) -> Plan:
+    """``plan``, or the heuristic's for ``x`` (in the kernels' layout); a given plan must be for this problem."""
+    if plan is None:
+        return plan_for(x, num_groups, tuning)
+    if plan.shape != tuple(x.shape) or plan.num_groups != num_groups or plan.channels_last != channels_last:
+        layout = "channels-last" if channels_last else "NCHW"
+        raise ValueError(f"group_norm_silu: the plan is for shape {plan.shape}, {plan.num_groups} groups, "
+                         f"channels_last={plan.channels_last}; this call is {tuple(x.shape)}, {num_groups} groups, "
+                         f"{layout}")
+    return plan
+
+
+@float64_runs_reference(group_norm_silu_forward_reference, dtype_from=0)
+def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            num_groups: int, eps: float, *,
+                            plan: Optional[Plan] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, mean, rstd)``: y = silu(group_norm(x)) with x's shape, dtype and strides; mean and rstd
+    are fp32 ``[N, G]`` (float64 for float64 x).
+
+    x: (N, C, S) fp16/bf16/fp32, NCHW or channels-last; weight, bias: [C] any float dtype, or None.
+    """
+    x, channels_last = _in_kernel_layout(x)
+    n, c, s = x.shape
+    plan = _checked_plan(plan, x, num_groups, channels_last, FORWARD)
+    y = torch.empty_like(x)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    groups = n * num_groups
+    cpg = c // num_groups
+    w, b = _param(weight, x), _param(bias, x)
+    layout = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
+                  OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
+    affine = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+    with _device_guard(x):
+        if plan.regime == "split":
+            chunk_args = (plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk, plan.s_tiles_per_chunk)
+            partials = torch.empty((3, groups, plan.chunks), device=x.device, dtype=torch.float32)
+            grid = (groups, plan.chunks)
+            fwd_chunk_moments_kernel[grid](x, partials, c, s, cpg, num_groups, *chunk_args, **layout)
+            fwd_chunk_apply_kernel[grid](x, y, w, b, partials, mean, rstd, c, s, cpg, num_groups, *chunk_args, eps,
+                                         BLOCK_K=next_pow2(plan.chunks), **layout, **affine)
+        else:
+            fwd_group_kernel[(groups,)](x, y, w, b, mean, rstd, c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles,
+                                        eps, SINGLE_TILE=plan.regime == "single", **layout, **affine)
+    return y, mean, rstd
+
+
+@float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)
+def group_norm_silu_backward(
+        grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+        mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, *, plan: Optional[Plan] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Returns ``(dx, dweight, dbias)``: dx with x's shape, dtype and strides; dweight / dbias fp32 ``[C]``
+    when weight / bias are given, else None.
+
+    grad_out, x: (N, C, S) in the same layout (grad_out in any float dtype); mean, rstd: fp32 ``[N, G]`` from
+    the forward.
+    """
+    x, channels_last = _in_kernel_layout(x)
+    grad_out, _ = _in_kernel_layout(grad_out, like=x)
+    n, c, s = x.shape
+    plan = _checked_plan(plan, x, num_groups, channels_last, BACKWARD)
+    mean = mean.to(torch.float32).contiguous()
+    rstd = rstd.to(torch.float32).contiguous()
+    dx = torch.empty_like(x)
+    groups = n * num_groups
+    cpg = c // num_groups
+    has_weight, has_bias = weight is not None, bias is not None
+    planes = int(has_weight) + int(has_bias)
+    rows = n * plan.s_chunks
+    # Per-(sample, spatial chunk) partial sums of dweight / dbias; every entry is written by exactly one
+    # program, so the buffer needs no zero fill. Without affine parameters nothing is written there.
+    partials = torch.empty((planes, rows, c), device=x.device, dtype=torch.float32) if planes else x
+    w, b = _param(weight, x), _param(bias, x)
+    layout = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
+                  OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
+    affine = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
+    with _device_guard(x):
+        if plan.regime == "split":
+            chunk_args = (plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk, plan.s_tiles_per_chunk)
+            sums = torch.empty((2, groups, plan.chunks), device=x.device, dtype=torch.float32)
+            grid = (groups, plan.chunks)
+            bwd_chunk_sums_kernel[grid](grad_out, x, w, b, mean, rstd, sums, partials, c, s, cpg, num_groups,
+                                        *chunk_args, **layout, **affine)
+            bwd_chunk_dx_kernel[grid](grad_out, x, w, b, mean, rstd, sums, dx, c, s, cpg, num_groups, *chunk_args,
+                                      BLOCK_K=next_pow2(plan.chunks), **layout, **affine)
+        else:
+            bwd_group_kernel[(groups,)](grad_out, x, w, b, mean, rstd, dx, partials, c, s, cpg, num_groups,
+                                        plan.c_tiles, plan.s_tiles, SINGLE_TILE=plan.regime == "single", **layout,
+                                        **affine)
+        dweight = torch.empty(c, device=x.device, dtype=torch.float32) if has_weight else None
+        dbias = torch.empty(c, device=x.device, dtype=torch.float32) if has_bias else None
+        if planes:
+            block_c = min(next_pow2(c), 256)
+            sum_partial_rows_kernel[(triton.cdiv(c, block_c), planes)](
+                partials, dweight if has_weight else dbias, dbias if has_bias else dweight, rows, c,
+                HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_R=min(next_pow2(rows), 16), BLOCK_C=block_c,
+                **_LAUNCH_OPTIONS)
+    return dx, dweight, dbias
