@@ -39,6 +39,9 @@ def pytest_configure(config):
     if EMULATED_CUDA:
         # The emulated library registers the CUDA ops' kernels for CPU tensors; the loader then takes it as an
         # externally loaded library, and the cuda backend's wrappers call it.
+        from diffkern.ops import _declaration
+
+        _declaration.define_cuda_ops()
         torch.ops.load_library(EMULATED_CUDA)
 
 

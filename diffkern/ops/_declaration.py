@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Tuple
 
-#: Prediction-type codes: csrc/common.cuh ``enum PredictionType``, the Triton kernels' ``PREDICTION``.
+#: Prediction-type codes: csrc/step_coefficients.cuh ``enum PredictionType``, the Triton kernels' ``PREDICTION``.
 PREDICTION_CODES: Mapping[str, int] = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 #: DDPM variance-type codes: csrc/ddpm.cu ``enum VarianceType``, the Triton DDPM kernel's ``VARIANCE``.
 VARIANCE_CODES: Mapping[str, int] = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2,

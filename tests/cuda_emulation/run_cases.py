@@ -283,6 +283,9 @@ def main(argv=None) -> int:
                                                         or int.from_bytes(os.urandom(4), "little"))
     print(f"emulated cuda backend: base seed {seed} (replay with DIFFKERN_TEST_SEED={seed})", flush=True)
 
+    from diffkern.ops import _declaration
+
+    _declaration.define_cuda_ops()  # the schemas first: the GroupNorm cases call the raw ops
     torch.ops.load_library(str(args.library))
     from diffkern import _extension
 
