@@ -65,6 +65,11 @@ class OpDeclaration:
     auto_preference: Tuple[str, ...] = ("cuda", "triton", "reference")
     cuda_ops: Tuple[CudaOp, ...] = field(default=())
 
+    @classmethod
+    def single_entry(cls, name: str, *, reference: str, triton: str, cuda: str, **fields) -> "OpDeclaration":
+        """An op whose custom op calls one function per backend, named like the op (most ops)."""
+        return cls(name, {"reference": {name: reference}, "triton": {name: triton}, "cuda": {name: cuda}}, **fields)
+
 
 @functools.lru_cache(maxsize=None)
 def declarations() -> Tuple[OpDeclaration, ...]:

@@ -15,13 +15,9 @@ from diffkern import backends
 from diffkern.ops import _common as C
 from diffkern.ops._declaration import CudaOp, OpDeclaration
 
-DECLARATION = OpDeclaration(
-    name="add_noise",
-    implementations={
-        "reference": {"add_noise": "diffkern.ops.add_noise:add_noise_reference"},
-        "triton": {"add_noise": "diffkern.triton.add_noise:add_noise"},
-        "cuda": {"add_noise": "diffkern._cuda_ops:add_noise"},
-    },
+DECLARATION = OpDeclaration.single_entry(
+    "add_noise", reference="diffkern.ops.add_noise:add_noise_reference", triton="diffkern.triton.add_noise:add_noise",
+    cuda="diffkern._cuda_ops:add_noise",
     cuda_ops=(CudaOp("add_noise_cuda",
                      "(Tensor original_samples, Tensor noise, Tensor alphas_cumprod, Tensor timesteps) -> Tensor",
                      lambda original_samples, *_: torch.empty_like(original_samples)),),

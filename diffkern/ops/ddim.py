@@ -38,13 +38,9 @@ def step_cuda_outputs(sample: torch.Tensor, x0_only: bool) -> Tuple[torch.Tensor
     return torch.empty_like(sample), torch.empty_like(sample)
 
 
-DECLARATION = OpDeclaration(
-    name="ddim_step",
-    implementations={
-        "reference": {"ddim_step": "diffkern.ops.ddim:ddim_step_reference"},
-        "triton": {"ddim_step": "diffkern.triton.ddim:ddim_step"},
-        "cuda": {"ddim_step": "diffkern._cuda_ops:ddim_step"},
-    },
+DECLARATION = OpDeclaration.single_entry(
+    "ddim_step", reference="diffkern.ops.ddim:ddim_step_reference", triton="diffkern.triton.ddim:ddim_step",
+    cuda="diffkern._cuda_ops:ddim_step",
     # Codes: prediction_type as ``_declaration.PREDICTION_CODES``. threshold_scale: the per-sample dynamic
     # thresholding scale s (float32 [B]); when given, x0 is clamped to [-s, s] and divided by s (clip_sample is
     # then ignored, as in diffusers). x0_only: the first pass of dynamic thresholding: returns (x0 as float32

@@ -27,13 +27,9 @@ from diffkern.ops.ddim import StepOutput, step_cuda_outputs
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
-DECLARATION = OpDeclaration(
-    name="ddpm_step",
-    implementations={
-        "reference": {"ddpm_step": "diffkern.ops.ddpm:ddpm_step_reference"},
-        "triton": {"ddpm_step": "diffkern.triton.ddpm:ddpm_step"},
-        "cuda": {"ddpm_step": "diffkern._cuda_ops:ddpm_step"},
-    },
+DECLARATION = OpDeclaration.single_entry(
+    "ddpm_step", reference="diffkern.ops.ddpm:ddpm_step_reference", triton="diffkern.triton.ddpm:ddpm_step",
+    cuda="diffkern._cuda_ops:ddpm_step",
     # Codes: variance_type and prediction_type as ``_declaration``'s; threshold_scale and x0_only as DDIM's.
     cuda_ops=(CudaOp("ddpm_step_cuda",
                      "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor timestep, "
