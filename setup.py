@@ -1,210 +1,94 @@
 """Build script for diffkern (metadata lives in pyproject.toml).
 
-Default: a pure-Python package. The ops then run on the PyTorch reference and Triton backends, and the
-CUDA backend can still be JIT-compiled from a source checkout at first use (diffkern/_extension.py).
-
-``DIFFKERN_BUILD_CUDA=1`` also builds the CUDA extension ``diffkern/_C.abi3.so`` from every
-``csrc/*.cu`` and ``csrc/*.cpp``::
+Default: a pure-Python package (the ops run on the reference and Triton backends; from a source checkout the
+CUDA backend is JIT-built at first use, see diffkern/_extension.py). ``DIFFKERN_BUILD_CUDA=1`` also builds the
+CUDA extension ``diffkern/_C.abi3.so`` from every ``csrc/*.cu``/``*.cpp`` with ``torch.utils.cpp_extension``::
 
     DIFFKERN_BUILD_CUDA=1 pip install --no-build-isolation .          # or -e . for an in-place build
     DIFFKERN_BUILD_CUDA=1 pip wheel --no-build-isolation --no-deps -w dist .
 
-- ``--no-build-isolation`` is required: the extension is compiled against the installed torch (>= 2.10,
-  any CUDA flavour, CPU-only included), and an isolated build environment would download another one.
-- The toolkit is ``$CUDA_HOME`` (else the ``nvcc`` on PATH, else /usr/local/cuda). Its runtime version sets
-  the local version label (``0.1.0+cu130``) and the ``libcudart.so.<major>`` the library needs.
-- ``DIFFKERN_CUDA_ARCHS`` picks the GPU archs (e.g. ``"80;90"``); the default is sm_80, sm_86, sm_89,
-  sm_90, plus sm_100 and sm_120 when the compiler has them, with PTX of the newest.
-- ``MAX_JOBS`` caps the parallel compile jobs; ``DIFFKERN_BUILD_DIR`` picks the ninja build directory
-  (default: under setuptools' build_temp), which makes rebuilds incremental.
-
-The compile itself (flags, ninja file, the undefined-symbol audit) is shared with the JIT path: both call
-``build()`` in diffkern/_extension.py, loaded here by file path so the package itself is not imported.
-The wheel is tagged ``cp39-abi3`` (the library never touches the Python C API, so one wheel serves every
-CPython >= 3.9) and ``manylinux_2_28_x86_64``, PyTorch's own tag, whatever the glibc of the build machine:
-every host compile force-includes ``csrc/glibc_compat.h``, which binds the few functions newer glibcs moved
-(``dlopen``... got ``GLIBC_2.34``) to their original versions and keeps libstdc++ off glibc 2.32's
-``__libc_single_threaded``. The tag is then taken from what the linked library actually needs (never below
-2.28); scripts/check_wheel.py holds every ``GLIBC_``/``GLIBCXX_``/``CXXABI_``/``GCC_`` version against it.
+``--no-build-isolation``: the extension compiles against the installed torch (>= 2.10, CPU-only included). The
+toolkit is cpp_extension's ``CUDA_HOME``; its runtime version sets the local version (``0.1.0+cu130``).
+``TORCH_CUDA_ARCH_LIST`` overrides the archs (default: diffkern/_build.py), ``MAX_JOBS`` the compile jobs; the
+flags are diffkern/_build.py's, shared with the JIT build. The wheel is ``cp39-abi3`` (the library uses torch's
+stable C ABI, never the Python C API) and ``manylinux_<glibc>``: the newest ``GLIBC_`` version the library needs,
+at least 2.28 (csrc/glibc_compat.h keeps it there; scripts/check_wheel.py and auditwheel verify it).
 """
 
 import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import setup
 from setuptools.command.bdist_wheel import bdist_wheel
-from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 BASE_VERSION = "0.1.0"
 BUILD_CUDA = os.environ.get("DIFFKERN_BUILD_CUDA", "0").strip().lower() in ("1", "true", "yes", "on")
-
-#: The oldest glibc the wheel's platform tag ever claims: PyTorch's wheels are manylinux_2_28, so an older
-#: system cannot run torch anyway, and libstdc++'s GLIBCXX_3.4.21 ABI (GCC >= 5) rules out manylinux2014.
-MANYLINUX_FLOOR = (2, 28)
-#: Force-included into every host compile (see the header): keeps the library within glibc 2.28.
-GLIBC_COMPAT_HEADER = ROOT / "csrc" / "glibc_compat.h"
-
-
-def _build_tools():
-    """diffkern/_extension.py as a standalone module (importing the package would import its deps)."""
-    name = "_diffkern_build_tools"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "diffkern" / "_extension.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _use_glibc_compat_header(tools) -> None:
-    """Add ``csrc/glibc_compat.h`` as a forced include to the shared compile flags of diffkern/_extension.py.
-
-    nvcc's ``--pre-include`` reaches both its preprocessing passes (host and device) but not the final compile
-    of the already-preprocessed host code, so the header's ``.symver`` directives are emitted once. A no-op
-    when _extension.py adds the header itself (it then defines ``GLIBC_COMPAT_HEADER``, and the JIT build and
-    the wheel compile alike, so CI's build test reuses the wheel check's objects).
-    """
-    header = str(GLIBC_COMPAT_HEADER)
-    if (not GLIBC_COMPAT_HEADER.is_file() or hasattr(tools, "GLIBC_COMPAT_HEADER")
-            or any("glibc_compat.h" in flag for flag in tools.NVCC_FLAGS + tools.CXX_FLAGS)):
-        return
-    tools.NVCC_FLAGS = tuple(tools.NVCC_FLAGS) + ("--pre-include", header)
-    tools.CXX_FLAGS = tuple(tools.CXX_FLAGS) + ("-include", header)
-
-
-def _needed_glibc(library: Path):
-    """The newest ``GLIBC_x.y`` version ``library`` needs (its version-needs section), or None if unknown."""
-    readelf = shutil.which("readelf")
-    if readelf is None or not library.is_file():
-        return None
-    try:
-        out = subprocess.run([readelf, "-V", "-W", str(library)], check=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    versions = [tuple(int(x) for x in v.split(".")) for v in re.findall(r"Name: GLIBC_(\d+(?:\.\d+)+)", out)]
-    return max(versions, default=(2, 0))[:2]
-
-
-def _cuda_toolkit():
-    tools = _build_tools()
-    if importlib.util.find_spec("torch") is None:  # the extension compiles against this torch's headers
-        sys.exit("error: DIFFKERN_BUILD_CUDA=1 needs torch>=2.10 installed in the build environment; run pip "
-                 "with --no-build-isolation (an isolated build would not see the installed torch)")
-    try:
-        return tools.find_toolkit()
-    except tools.ExtensionUnavailable as exc:
-        sys.exit(f"error: DIFFKERN_BUILD_CUDA=1 but {exc}")
-
-
-class BuildCudaExtension(build_ext):
-    """Builds the CUDA extension with the ninja pipeline of diffkern/_extension.py instead of distutils'
-    compiler classes (which do not know nvcc), then writes diffkern/_build_info.json next to it.
-
-    setuptools always builds into build_lib and, for in-place/editable builds, copies the extension into
-    the source tree afterwards; the build info has to travel with it.
-    """
-
-    def run(self):
-        self._in_place = bool(self.inplace)  # setuptools clears `inplace` while it builds
-        super().run()
-
-    def copy_extensions_to_source(self):
-        super().copy_extensions_to_source()
-        source = Path(self.build_lib) / "diffkern" / _build_tools().BUILD_INFO_NAME
-        target = Path(self.get_finalized_command("build_py").get_package_dir("diffkern")) / source.name
-        self.copy_file(str(source), str(target), level=self.verbose)
-
-    def get_output_mapping(self):
-        mapping = super().get_output_mapping()
-        if self.inplace:
-            name = _build_tools().BUILD_INFO_NAME
-            package_dir = self.get_finalized_command("build_py").get_package_dir("diffkern")
-            mapping[str(Path(self.build_lib) / "diffkern" / name)] = str(Path(package_dir) / name)
-        return mapping
-
-    def build_extension(self, ext):
-        tools = _build_tools()
-        toolkit = TOOLKIT
-        jobs = self.parallel if isinstance(self.parallel, int) and self.parallel > 1 else None
-        # DIFFKERN_BUILD_DIR lets CI share one ninja directory between the wheel build and the build test
-        # (same compile commands, so the second only relinks).
-        build_dir = os.environ.get("DIFFKERN_BUILD_DIR") or Path(self.build_temp) / f"diffkern_cuda_{toolkit.local_tag}"
-        _use_glibc_compat_header(tools)
-        try:
-            result = tools.build(
-                ROOT / "csrc",
-                Path(build_dir).resolve(),
-                os.environ.get("DIFFKERN_CUDA_ARCHS"),
-                toolkit=toolkit,
-                # An in-place build may keep absolute RUNPATHs (this machine's torch and CUDA); a wheel may not.
-                for_wheel=not getattr(self, "_in_place", False),
-                jobs=jobs,
-                verbose=True,
-            )
-        except tools.ExtensionUnavailable as exc:
-            sys.exit(f"error: {exc}")
-        target = Path(self.get_ext_fullpath(ext.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy then rename: a process that has the old library mapped keeps its copy.
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(result.library, tmp)
-        os.replace(tmp, target)
-        info = dict(result.info, library=target.name)
-        (target.parent / tools.BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+MANYLINUX_FLOOR = (2, 28)  # PyTorch's own tag: a system below it cannot run torch
 
 
 class BdistWheel(bdist_wheel):
-    """Tags a wheel with the extension ``manylinux_<X>_<Y>_<arch>``: X.Y is the newest glibc symbol version the
-    linked library needs, but at least MANYLINUX_FLOOR (2.28), so normally ``manylinux_2_28``.
-
-    Honest on any build machine: a library that needs a newer glibc (a symbol csrc/glibc_compat.h does not
-    cover) gets a newer tag, and scripts/check_wheel.py then fails it against the 2.28 expectation of
-    scripts/build_wheels.sh. Without readelf the build machine's glibc is used, as conservative as before.
-    """
+    """Tags the wheel ``manylinux_X_Y``: the newest ``GLIBC_X.Y`` the built library needs, never below 2.28."""
 
     def get_tag(self):
         impl, abi, plat = super().get_tag()
-        if not (BUILD_CUDA and plat.startswith("linux_")):
-            return impl, abi, plat
-        build_ext_cmd = self.get_finalized_command("build_ext")
-        needed = _needed_glibc(Path(build_ext_cmd.get_ext_fullpath("diffkern._C")))
-        if needed is None:
-            try:
-                libc = os.confstr("CS_GNU_LIBC_VERSION") or ""  # e.g. "glibc 2.36"; the system's, not Python's
-            except (AttributeError, ValueError, OSError):
-                libc = ""
-            match = re.fullmatch(r"glibc (\d+)\.(\d+)(?:\.\d+)?", libc)
-            if not match:
-                return impl, abi, plat
-            needed = (int(match.group(1)), int(match.group(2)))
-        glibc = max(needed, MANYLINUX_FLOOR)
-        return impl, abi, f"manylinux_{glibc[0]}_{glibc[1]}_{plat[len('linux_'):]}"
+        if BUILD_CUDA and plat.startswith("linux_"):
+            library = self.get_finalized_command("build_ext").get_ext_fullpath("diffkern._C")
+            out = subprocess.run(["readelf", "-V", "-W", library], check=True, stdout=subprocess.PIPE, text=True).stdout
+            needed = max([tuple(map(int, v.split(".")))[:2] for v in re.findall(r"Name: GLIBC_([\d.]+)", out)]
+                         + [MANYLINUX_FLOOR])
+            plat = f"manylinux_{needed[0]}_{needed[1]}_{plat[len('linux_'):]}"
+        return impl, abi, plat
 
 
-if BUILD_CUDA:
-    TOOLKIT = _cuda_toolkit()
-    sources = _build_tools().source_files(ROOT / "csrc") if (ROOT / "csrc").is_dir() else []
-    if not sources:
-        sys.exit(f"error: DIFFKERN_BUILD_CUDA=1 but there are no *.cu or *.cpp files in {ROOT / 'csrc'}")
-    setup(
-        version=f"{BASE_VERSION}+{TOOLKIT.local_tag}",
-        ext_modules=[
-            Extension(
-                "diffkern._C",
-                sources=[str(p.relative_to(ROOT)) for p in sources],
-                py_limited_api=True,
-            )
-        ],
-        cmdclass={"build_ext": BuildCudaExtension, "bdist_wheel": BdistWheel},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}},
-    )
-else:
-    setup(version=BASE_VERSION)
+def cuda_setup():
+    if importlib.util.find_spec("torch") is None:
+        sys.exit("error: DIFFKERN_BUILD_CUDA=1 needs torch>=2.10 installed; run pip with --no-build-isolation")
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    spec = importlib.util.spec_from_file_location("_diffkern_build", ROOT / "diffkern" / "_build.py")
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
+    try:  # cpp_extension leaves CUDA_HOME None on a CPU-only torch, which builds these wheels just as well
+        CUDA_HOME = cpp_extension.CUDA_HOME = flags.find_cuda_home()
+    except FileNotFoundError as exc:
+        sys.exit(f"error: DIFFKERN_BUILD_CUDA=1 but {exc}")
+    cuda = flags.cuda_runtime_version(CUDA_HOME)
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", flags.default_arch_list(CUDA_HOME))
+    in_place = any(a in ("develop", "editable_wheel") or a.startswith("--inplace") for a in sys.argv)
+    # A wheel's RUNPATH is relative (torch's and the CUDA runtime wheel's lib dirs); an in-place build's absolute.
+    runpath = [] if in_place else flags.wheel_runpath(CUDA_HOME)
+    extension = CUDAExtension("diffkern._C", [str(p.relative_to(ROOT)) for p in flags.source_files()],
+                              extra_compile_args=flags.compile_args(CUDA_HOME),
+                              extra_link_args=flags.link_args(CUDA_HOME, runpath), py_limited_api=True)
+    extension.libraries = []  # not CUDAExtension's libtorch/libtorch_cuda/libc10_cuda: link_args has ours
+
+    class Build(BuildExtension):
+        """Writes diffkern/_build_info.json next to the library: the loader's CUDA-major check reads it."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            major_minor = re.findall(r"(\d+)\.(\d+)(\+PTX)?", archs)
+            info = {"cuda_version": "%d.%d" % cuda, "cudart_soname": f"libcudart.so.{cuda[0]}",
+                    "archs": [f"sm_{a}{b}" for a, b, _ in major_minor],
+                    "ptx": [f"compute_{a}{b}" for a, b, ptx in major_minor if ptx],
+                    "torch_target_version": "%d.%d" % flags.TORCH_TARGET}
+            target = Path(self.get_ext_fullpath(ext.name)).with_name("_build_info.json")
+            for directory in {target.parent, *([ROOT / "diffkern"] if in_place else [])}:
+                (directory / target.name).write_text(json.dumps(info, indent=2) + "\n")
+
+    return dict(version=f"{BASE_VERSION}+cu{cuda[0]}{cuda[1]}", ext_modules=[extension],
+                cmdclass={"build_ext": Build.with_options(use_ninja=True), "bdist_wheel": BdistWheel},
+                # DIFFKERN_BUILD_DIR: the ninja directory, kept between builds (CI's wheel and build test share it).
+                options={"bdist_wheel": {"py_limited_api": "cp39"},
+                         **({"build_ext": {"build_temp": os.environ["DIFFKERN_BUILD_DIR"]}}
+                            if os.environ.get("DIFFKERN_BUILD_DIR") else {})})
+
+
+setup(**(cuda_setup() if BUILD_CUDA else {"version": BASE_VERSION}))

@@ -8,14 +8,14 @@
 #                 $CUDA_HOME, else the toolkit of the nvcc on PATH, else /usr/local/cuda.
 #   --cu12        also build with a CUDA 12 toolkit assembled by scripts/setup_cuda12_toolkit.sh (nvcc 13's
 #                 front end, CUDA 12's runtime and ptxas; see that script for why this is sound).
-#   --archs LIST  GPU archs, e.g. "80;90" (default: sm_80 sm_86 sm_89 sm_90 + sm_100 sm_120 where the
-#                 compiler has them, PTX of the newest). Same syntax as DIFFKERN_CUDA_ARCHS.
+#   --archs LIST  GPU archs in TORCH_CUDA_ARCH_LIST syntax, e.g. "8.0;9.0+PTX" (default: $TORCH_CUDA_ARCH_LIST,
+#                 else sm_80 sm_86 sm_89 sm_90 + sm_100 sm_120 where the compiler has them, PTX of the newest).
 #   --out DIR     where the wheels go (default: dist/).
 #
 # Examples:
 #   scripts/build_wheels.sh                                   # one wheel for the default toolkit
 #   scripts/build_wheels.sh --cu12 /usr/local/cuda-13.0       # +cu130 and +cu126 wheels
-#   MAX_JOBS=8 scripts/build_wheels.sh --archs "80;90"        # quicker, fewer archs
+#   MAX_JOBS=8 scripts/build_wheels.sh --archs "8.0;9.0+PTX"  # quicker, fewer archs
 #
 # Each wheel is named diffkern-0.1.0+cuXY-cp39-abi3-manylinux_2_28_x86_64.whl (XY: the toolkit's CUDA
 # runtime version) and is inspected by scripts/check_wheel.py before it is moved to --out: among the rest,
@@ -29,7 +29,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$repo/dist"
-archs="${DIFFKERN_CUDA_ARCHS:-}"
+archs="${TORCH_CUDA_ARCH_LIST:-}"
 cu12=0
 toolkits=()
 while [[ $# -gt 0 ]]; do
@@ -46,38 +46,35 @@ PYTHON="${PYTHON:-python3}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-if [[ ${#toolkits[@]} -eq 0 ]]; then
-  toolkits+=("$("$PYTHON" - "$repo" <<'EOF'
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_diffkern_build_tools", sys.argv[1] + "/diffkern/_extension.py")
-mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
-print(mod.find_toolkit().home)
+# diffkern/_build.py (the build's settings, loaded by path): the default toolkit; for a toolkit, the expected
+# archs and PTX (for check_wheel.py), its CUDA major and the arch list to build.
+build_py() {
+  "$PYTHON" - "$repo/diffkern/_build.py" "$@" <<'EOF'
+import importlib.util, re, sys
+spec = importlib.util.spec_from_file_location("_diffkern_build", sys.argv[1])
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+if len(sys.argv) == 2:
+    print(b.find_cuda_home())
+else:
+    arch_list = sys.argv[3] or b.default_arch_list(sys.argv[2])
+    archs = re.findall(r"(\d+)\.(\d+a?)(\+PTX)?", arch_list)
+    print(",".join(m + n for m, n, _ in archs), ",".join(m + n for m, n, p in archs if p),
+          b.cuda_runtime_version(sys.argv[2])[0], arch_list)
 EOF
-)")
+}
+if [[ ${#toolkits[@]} -eq 0 ]]; then
+  toolkits+=("$(build_py)")
 fi
 if [[ $cu12 -eq 1 ]]; then
   toolkits+=("$(CUDA13_HOME="${toolkits[0]}" "$repo/scripts/setup_cuda12_toolkit.sh")")
 fi
 
-# Expected archs (for check_wheel.py): the list asked for, or the default for that toolkit.
-expected_archs() {
-  "$PYTHON" - "$repo" "$1" "$archs" <<'EOF'
-import importlib.util, sys
-from pathlib import Path
-spec = importlib.util.spec_from_file_location("_diffkern_build_tools", sys.argv[1] + "/diffkern/_extension.py")
-mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
-toolkit = mod._toolkit_at(Path(sys.argv[2]))
-parsed = mod.parse_archs(sys.argv[3] or mod.default_arch_spec(toolkit))
-print(",".join(a.code for a in parsed), ",".join(a.code for a in parsed if a.ptx), toolkit.cuda_major)
-EOF
-}
-
 for toolkit in "${toolkits[@]}"; do
-  read -r want_archs want_ptx cuda_major < <(expected_archs "$toolkit")
+  read -r want_archs want_ptx cuda_major arch_list < <(build_py "$toolkit" "$archs")
   staging="$(mktemp -d)"
   echo "== building with CUDA_HOME=$toolkit (CUDA $cuda_major; sm: $want_archs; PTX: $want_ptx)"
   start=$SECONDS
-  CUDA_HOME="$toolkit" DIFFKERN_BUILD_CUDA=1 DIFFKERN_CUDA_ARCHS="$archs" \
+  CUDA_HOME="$toolkit" DIFFKERN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch_list" \
     "$PYTHON" -m pip wheel --no-build-isolation --no-deps --disable-pip-version-check -w "$staging" "$repo"
   echo "== built in $((SECONDS - start)) s"
   wheel="$(ls "$staging"/diffkern-*.whl)"

@@ -83,15 +83,24 @@ VERSION_FAMILIES = ("GLIBC", "GLIBCXX", "CXXABI", "GCC")
 PROVIDED_BY_TORCH = ("libtorch_cpu.so", "libc10.so", "libcudart.so.")
 
 
-def _extension_tools():
-    # The repository's diffkern/_extension.py, for finding cuobjdump and listing device code.
-    name = "_diffkern_build_tools"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "diffkern" / "_extension.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def find_cuobjdump() -> str | None:
+    """A ``cuobjdump``: the toolkit's, one on PATH, or the one bundled with the triton wheel."""
+    candidates = [Path(os.environ[v]) / "bin" / "cuobjdump" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates += [Path(p) for p in [shutil.which("cuobjdump")] if p] + [Path("/usr/local/cuda/bin/cuobjdump")]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def cuda_images(library: Path, cuobjdump: str) -> dict:
+    """The device code embedded in ``library``: ``{"elf": ["sm_80", ...], "ptx": ["compute_90", ...]}``."""
+    out = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(library)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True).stdout
+    elf = re.findall(r"^ELF file\s+\d+:.*\.(sm_\w+)\.cubin\s*$", out, re.MULTILINE)
+    ptx = ["compute_" + m for m in re.findall(r"^PTX file\s+\d+:.*\.sm_(\w+)\.ptx\s*$", out, re.MULTILINE)]
+    return {"elf": sorted(set(elf), key=lambda n: _arch_key(n[3:])),
+            "ptx": sorted(set(ptx), key=lambda n: _arch_key(n[8:]))}
 
 
 class Report:
@@ -303,11 +312,10 @@ def check_library(so: Path, report: Report, cuda_major: int, plat: str, min_cuda
 
 
 def check_device_code(so: Path, report: Report, cuda_major: int, archs: list[str], ptx: list[str]) -> None:
-    tools = _extension_tools()
-    cuobjdump = tools.find_cuobjdump()
+    cuobjdump = find_cuobjdump()
     if not report.check(cuobjdump is not None, "cuobjdump found", str(cuobjdump)):
         return
-    images = tools.cuda_images(so, cuobjdump)
+    images = cuda_images(so, cuobjdump)
     report.check(images["elf"] == [f"sm_{a}" for a in _sorted_archs(archs)], f"cubins are exactly {archs}",
                  " ".join(images["elf"]))
     report.check(images["ptx"] == [f"compute_{a}" for a in _sorted_archs(ptx)], f"PTX is exactly {ptx}",

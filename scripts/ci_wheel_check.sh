@@ -6,21 +6,23 @@
 #      GLIBC_/GLIBCXX_/CXXABI_/GCC_ versions against it, and `auditwheel show` agreeing: required here, so
 #      auditwheel is pip-installed first if missing);
 #   2. install it with --no-deps into a fresh virtualenv that sees this environment's (CPU) torch;
-#   3. from outside the repository, import diffkern, load the prebuilt extension and check that every
-#      op of diffkern._extension.CUDA_OPS is registered under torch.ops.diffkern with a CUDA kernel.
+#   3. from outside the repository, import diffkern, load the prebuilt extension (torch.ops.load_library,
+#      RTLD_NOW: every symbol of the shipped binary must resolve in this CPU-only torch) and check that every
+#      op of diffkern._extension.CUDA_OPS is registered under torch.ops.diffkern with a CUDA kernel. The
+#      toolkit's lib directory stands in for the nvidia-cuda-runtime wheel a CUDA torch brings libcudart with.
 #
 # Usage: scripts/ci_wheel_check.sh            (CUDA_HOME, or the nvcc on PATH, names the CUDA 13 toolkit)
-#        CI_ARCHS="80;90;120" scripts/ci_wheel_check.sh
+#        CI_ARCHS="8.0;9.0;12.0+PTX" scripts/ci_wheel_check.sh     (TORCH_CUDA_ARCH_LIST syntax)
 #
-# The objects are compiled in $DIFFKERN_BUILD_DIR (default: build/cuda-ci, kept between runs, so a rerun
-# with unchanged sources only relinks). Running tests/test_extension_build.py afterwards with
+# The objects are compiled in $DIFFKERN_BUILD_DIR (setup.py's build_temp; default: build/cuda-ci, kept between
+# runs: cpp_extension's ninja build recompiles only what changed). Running tests/test_extension_build.py afterwards with
 # DIFFKERN_TEST_BUILD_DIR set to the same directory reuses them instead of compiling everything again.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export DIFFKERN_BUILD_DIR="${DIFFKERN_BUILD_DIR:-$repo/build/cuda-ci}"
 PYTHON="${PYTHON:-python3}"
-archs="${CI_ARCHS:-80;90}"
+archs="${CI_ARCHS:-8.0;9.0+PTX}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 start=$SECONDS
@@ -42,8 +44,10 @@ built=$SECONDS
 "$PYTHON" -m pip --python "$work/venv/bin/python" install --no-deps --no-index --quiet \
   --disable-pip-version-check "$wheel"
 
+cudart_dir="$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from diffkern import _build
+from pathlib import Path; h = Path(_build.find_cuda_home()); print(next(d for d in (h / "lib64", h / "lib") if d.is_dir()))' "$repo")"
 cd "$work"  # not the repository: the installed wheel must be what is imported
-DIFFKERN_NO_JIT=1 "$work/venv/bin/python" - "$work/venv" <<'EOF'
+LD_LIBRARY_PATH="$cudart_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" DIFFKERN_NO_JIT=1 "$work/venv/bin/python" - "$work/venv" <<'EOF'
 import sys
 from pathlib import Path
 

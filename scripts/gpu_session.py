@@ -296,18 +296,25 @@ def check_sizes(kit_bytes: int, tree_bytes: int) -> List[str]:
 
 
 def _build_extension(kit: Path) -> dict:
+    """The wheel's build (setup.py: cpp_extension's CUDAExtension) for sm_90 (+sm_100 where nvcc has it)."""
     sys.path.insert(0, str(REPO))
-    from diffkern import _extension
+    from diffkern import _build
 
-    toolkit = _extension.find_toolkit()
-    archs = "90" + (";100" if "sm_100" in toolkit.gpu_codes else "")
-    print(f"prepare: building the CUDA extension for {archs} with nvcc {toolkit.nvcc_version} in {KIT_BUILD_DIR}",
-          flush=True)
-    result = _extension.build(build_dir=KIT_BUILD_DIR, archs=archs, toolkit=toolkit, for_wheel=True)
-    shutil.copyfile(result.library, kit / EXTENSION_FILE)
-    (kit / BUILD_INFO_FILE).write_text(json.dumps(result.info, indent=2) + "\n")
-    return dict(result.info, file=EXTENSION_FILE, bytes=(kit / EXTENSION_FILE).stat().st_size,
-                sha256=_sha256(kit / EXTENSION_FILE), build_seconds=round(result.seconds, 1))
+    cuda_home = _build.find_cuda_home()
+    codes = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-code"], check=True,
+                           stdout=subprocess.PIPE, text=True).stdout.split()
+    archs = "9.0;10.0+PTX" if "sm_100" in codes else "9.0+PTX"
+    print(f"prepare: building the CUDA extension for {archs} with {cuda_home} in {KIT_BUILD_DIR}", flush=True)
+    start = time.perf_counter()
+    lib_dir = KIT_BUILD_DIR / "lib"
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(KIT_BUILD_DIR), "--build-lib",
+                    str(lib_dir)], cwd=REPO, check=True,
+                   env=dict(os.environ, DIFFKERN_BUILD_CUDA="1", CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=archs))
+    shutil.copyfile(lib_dir / "diffkern" / EXTENSION_FILE, kit / EXTENSION_FILE)
+    info = json.loads((lib_dir / "diffkern" / BUILD_INFO_FILE).read_text())
+    (kit / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return dict(info, file=EXTENSION_FILE, bytes=(kit / EXTENSION_FILE).stat().st_size,
+                sha256=_sha256(kit / EXTENSION_FILE), build_seconds=round(time.perf_counter() - start, 1))
 
 
 def _download_wheels(kit: Path) -> List[dict]:
@@ -643,9 +650,12 @@ def stage_setup(ctx: Context) -> int:
     if library.is_file():
         # In a throw-away process first: a library that fails half-way through registering its ops would leave
         # this process unable to load any other, JIT-built one included.
-        report = _extension.probe_in_subprocess(library)
-        loads = bool(report.get("ok"))
-        print(f"setup: the kit's extension {'loads' if loads else 'does not load'} here: {report.get('error', 'ok')}")
+        probe = subprocess.run([sys.executable, "-c", "import sys, torch; from diffkern.ops import _declaration; "
+                                "_declaration.define_cuda_ops(); torch.ops.load_library(sys.argv[1])", str(library)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        loads = probe.returncode == 0
+        print(f"setup: the kit's extension {'loads' if loads else 'does not load'} here: "
+              f"{probe.stdout.strip()[-2000:] or 'ok'}")
     if ctx.dry_run:
         return status   # leave the checkout alone
     if loads and not any((REPO / "diffkern").glob("_C*.so")):

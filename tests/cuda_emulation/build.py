@@ -11,6 +11,7 @@ Usage: ``python tests/cuda_emulation/build.py BUILD_DIR`` (prints the library's 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,23 +35,21 @@ class EmulationUnavailable(RuntimeError):
 
 def find_cxx() -> str:
     """The host compiler the real build links with ($CXX, else c++); C++20 is needed (g++ 11+, clang++ 14+)."""
-    from diffkern import _extension
-
-    try:
-        return _extension._find_cxx()
-    except _extension.ExtensionUnavailable as exc:
-        raise EmulationUnavailable(str(exc)) from exc
+    cxx = shutil.which(os.environ.get("CXX") or "c++")
+    if cxx is None:
+        raise EmulationUnavailable(f"no C++ compiler {os.environ.get('CXX') or 'c++'!r} found (set CXX)")
+    return cxx
 
 
 def find_cuda_include() -> Path:
     """A directory with the CUDA runtime headers: the toolkit diffkern would build with
-    (``diffkern._extension.find_toolkit``), else ``$CUDA_HOME``/``$CUDA_PATH``/``/usr/local/cuda`` or the CUDA
+    (``diffkern._build.find_cuda_home``), else ``$CUDA_HOME``/``$CUDA_PATH``/``/usr/local/cuda`` or the CUDA
     runtime wheels' headers (only headers are needed, no nvcc)."""
-    from diffkern import _extension
+    from diffkern import _build
 
     try:
-        return _extension.find_toolkit().include_dir
-    except _extension.ExtensionUnavailable:
+        return Path(_build.find_cuda_home()) / "include"
+    except FileNotFoundError:
         pass
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     dirs = [Path(c) / "include" for c in candidates if c]
@@ -91,7 +90,7 @@ def build(build_dir, *, source_dir=None, extra_flags: Sequence[str] = (), jobs: 
     ``source_dir`` and ``host_cuda.h`` are kept; a change of flags rebuilds everything. ``extra_flags`` go to
     every compile (e.g. ``-D...``). Raises :class:`EmulationUnavailable` when the compiler or the CUDA headers
     are missing, RuntimeError with the compiler's output when a compile or the link fails."""
-    from diffkern import _extension
+    from diffkern import _build
 
     cxx = find_cxx()
     cuda_include = find_cuda_include()
@@ -100,9 +99,9 @@ def build(build_dir, *, source_dir=None, extra_flags: Sequence[str] = (), jobs: 
     build_dir = Path(build_dir)
     obj_dir = build_dir / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
-    flags: List[str] = [*CXX_FLAGS, f"-DTORCH_TARGET_VERSION={_extension.torch_target_version_macro()}",
+    flags: List[str] = [*CXX_FLAGS, f"-DTORCH_TARGET_VERSION={_build.torch_target_version_macro()}",
                         "-isystem", str(torch_include), "-isystem", str(cuda_include), *extra_flags]
-    sources = _extension.source_files(source_dir)
+    sources = _build.source_files(source_dir)
     # The flags and the source list: a removed source must leave the library too (a relink with what is left).
     stamp = build_dir / "command.txt"
     command = "\n".join([cxx, *flags, str(source_dir), str(HOST_CUDA_H), *(s.name for s in sources)])
