@@ -8,7 +8,7 @@
 #   scripts/gpu_check.sh --install   # DIFFKERN_BUILD_CUDA=1 pip install --no-build-isolation -e . first
 #   scripts/gpu_check.sh --no-sanitizer
 #
-# Environment: DIFFKERN_CUDA_ARCHS (default: the visible GPU's arch), PYTEST_ARGS (extra pytest arguments),
+# Environment: TORCH_CUDA_ARCH_LIST (default: the visible GPU's arch, e.g. "9.0"), PYTEST_ARGS (extra pytest arguments),
 # COMPUTE_SANITIZER (path of compute-sanitizer; default: on PATH, else $CUDA_HOME/bin).
 # Exit status 0 only when the build, the tests and every sanitizer tool pass.
 set -euo pipefail
@@ -33,12 +33,12 @@ if not torch.cuda.is_available():
 print("gpu_check: %s, torch %s, CUDA %s" % (torch.cuda.get_device_name(), torch.__version__, torch.version.cuda))
 EOF
 
-if [[ -z "${DIFFKERN_CUDA_ARCHS:-}" ]]; then
-  DIFFKERN_CUDA_ARCHS="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')"
-  export DIFFKERN_CUDA_ARCHS
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')"
+  export TORCH_CUDA_ARCH_LIST
 fi
 
-echo "== build (archs: $DIFFKERN_CUDA_ARCHS)"
+echo "== build (archs: $TORCH_CUDA_ARCH_LIST)"
 if [[ $install == 1 ]]; then
   DIFFKERN_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -e .
 fi
