@@ -119,9 +119,28 @@ def available_backends(device=None) -> Dict[str, BackendStatus]:
 
 
 def clear_cache() -> None:
-    """Forget cached availability (e.g. after changing TRITON_INTERPRET in a test)."""
+    """Forget cached availability (e.g. after changing TRITON_INTERPRET in a test), and with it the ops' cached
+    call plans, which hold the backend they resolved to."""
+    from diffkern.ops import _common
+
     _status_cache.clear()
     _fallbacks_logged.clear()
+    _common.clear_plans()
+
+
+def environment_choice(backend: str) -> str:
+    """What the environment adds to a request of ``backend``: ``DIFFKERN_BACKEND`` (empty when unset) for
+    ``auto``, whose choice it decides, else nothing. Part of the ops' cached call signatures."""
+    return os.environ.get(ENV_VAR, "") if backend == "auto" else ""
+
+
+def record_choice(op: str, backend: str) -> None:
+    """Notes ``backend`` as the one ``op`` ran on in this thread (``last_backend``): a call served from a cached
+    plan does not resolve again."""
+    by_op = getattr(_last_used, "by_op", None)
+    if by_op is None:
+        by_op = _last_used.by_op = {}
+    by_op[op] = backend
 
 
 def _resolve(op: str, requested: str, device_type: str) -> str:
@@ -181,6 +200,12 @@ def _last_used_by_op() -> Dict[str, str]:
     if by_op is None:
         by_op = _last_used.by_op = {}
     return by_op
+
+
+def eager_implementation(backend: str, name: str) -> Optional[Callable]:
+    """``implementation(backend, name)`` for an eager call; None while tracing (a traced call goes through the
+    custom op, which looks the implementation up when it runs)."""
+    return None if torch.compiler.is_compiling() else implementation(backend, name)
 
 
 def implementation(backend: str, name: str) -> Callable:

@@ -417,6 +417,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="on CPU, torch threads while timing (default: 1, which keeps timings steady on a "
                              "shared machine; 0 keeps torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--host", action="store_true",
+                        help="instead: the host cost per call of every op and backend (device work skipped) beside "
+                             "a bare aten op and diffusers, and on a GPU the eager latency per call at SD 1.5 / SDXL "
+                             "latents (diffkern/host_bench.py); --quick: tiny tensors only")
     return parser
 
 
@@ -435,6 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # two-core machine that made small ops tens of times slower. One thread keeps the harness fast and steady.
         torch.set_num_threads(args.cpu_threads)
     try:
+        if args.host:
+            from diffkern import host_bench
+            return host_bench.main(device, working_sizes=not args.quick)
         return _run(args, argv, device)
     finally:
         torch.set_num_threads(threads)   # main() may run inside another program (the tests)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import weakref
@@ -101,21 +102,26 @@ def check_table(alphas_cumprod, device: torch.device) -> int:
     return alphas_cumprod.numel()
 
 
-# id(table) -> (weak reference, version) of the CPU tables whose values passed the check.
-_checked_tables: Dict[int, Tuple[weakref.ref, int]] = {}
+# id(table) -> (weak reference, version, token) of the CPU tables whose values passed the check. The token is
+# unique per (table, version): the eager hot path keys its cached checks on it (``table_key``).
+_checked_tables: Dict[int, Tuple[weakref.ref, int, int]] = {}
+_table_tokens = itertools.count()
 
 
-def _check_table_values(table: torch.Tensor) -> None:
+def _check_table_values(table: torch.Tensor) -> int:
+    """Checks a CPU table's values once per table and version; returns the token of that (table, version)."""
     key = id(table)
     seen = _checked_tables.get(key)
     if seen is not None and seen[0]() is table and seen[1] == table._version:
-        return
+        return seen[2]
     bad = ~(torch.isfinite(table) & (table >= 0) & (table <= 1))
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise ValueError(f"alphas_cumprod must hold finite values in [0, 1] (cumulative products of 1 - beta), "
                          f"got alphas_cumprod[{index}] = {float(table[index])}")
-    _checked_tables[key] = (weakref.ref(table, lambda _: _checked_tables.pop(key, None)), table._version)
+    token = next(_table_tokens)
+    _checked_tables[key] = (weakref.ref(table, lambda _: _checked_tables.pop(key, None)), table._version, token)
+    return token
 
 
 def check_abar_at_timesteps(alphas_cumprod: torch.Tensor, timestep: "TimestepLike",
@@ -428,3 +434,121 @@ def register_step_autograd(op, reference: Callable) -> None:
         return (grads[0], grads[1], grad_noise) + (None,) * (3 + len(option_names) + 1)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The eager hot path.
+#
+# At latent sizes a kernel takes a few microseconds, so the host work in front of it is the cost a user sees.
+# A public op therefore keys its validated, normalised arguments (a "plan") on the call's signature: the
+# shapes, strides, dtypes and devices of its tensors, its option values with their types, host timestep values,
+# and, for a CPU abar table, the token of its value check (``table_key``). The first call with a signature runs
+# every check and stores the plan; a later call is a lookup. Nothing value-dependent is skipped: host
+# timesteps are part of the key, a CPU ``[B]`` timestep tensor (values that change per call) is never cached,
+# and a changed CPU table gets a new token. Any failure while building a key (a wrong type, an unhashable
+# value) falls back to the full checks, which raise the usual error.
+#
+# A plan runs in one of two ways. In eager mode with no autograd to record, the public op calls the chosen
+# backend's implementation directly, with python-int timesteps as scalars (no fill kernel); under
+# ``torch.compile`` or with inputs that require grad it goes through the torch custom op, which tracing and
+# autograd need.
+
+
+class Uncacheable(Exception):
+    """A call whose checks depend on values that can change between calls with the same signature."""
+
+
+# Every plan cache, so that ``backends.clear_cache`` (availability changed) can drop the plans too.
+_plan_caches: list = []
+# Plans per op beyond which a cache is cleared rather than grown (one per signature and host timestep).
+PLAN_CACHE_LIMIT = 4096
+
+
+def plan_cache() -> dict:
+    """A new (registered) plan cache for one op."""
+    cache: dict = {}
+    _plan_caches.append(cache)
+    return cache
+
+
+def store_plan(cache: dict, key, plan):
+    """``plan`` stored under ``key`` (when there is one), bounding the cache."""
+    if key is not None:
+        if len(cache) >= PLAN_CACHE_LIMIT:
+            cache.clear()
+        cache[key] = plan
+    return plan
+
+
+def clear_plans() -> None:
+    for cache in _plan_caches:
+        cache.clear()
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What the checks read of a tensor: shape, strides, dtype and device (never its values)."""
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def optional_tensor_key(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def table_key(table: torch.Tensor) -> tuple:
+    """``tensor_key`` of the abar table; for a CPU table also the token of its value check (run here, once per
+    table and version), since the checks at host timesteps read its values."""
+    if table.device.type == "cpu":
+        return (table.shape, table.stride(), table.dtype, _check_table_values(table))
+    return (table.shape, table.stride(), table.dtype, table.device)
+
+
+def host_scalar(timesteps):
+    """A CPU one-element integer tensor as a python int (reading a CPU scalar costs nothing, and the kernels
+    then take it as a scalar argument); anything else unchanged."""
+    if type(timesteps) is torch.Tensor and timesteps.device.type == "cpu" and timesteps.numel() == 1 \
+            and timesteps.ndim <= 1 and timesteps.dtype in _INDEX_DTYPES:
+        return int(timesteps)
+    return timesteps
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def timestep_key(timesteps):
+    """A host int is part of the key (its range check is then cached); a device tensor by its metadata; a CPU
+    tensor of several timesteps is not cacheable (its values are checked on every call)."""
+    if type(timesteps) is int:
+        return timesteps
+    if timesteps.device.type == "cpu":
+        raise Uncacheable
+    return (timesteps.shape, timesteps.stride(), timesteps.dtype, timesteps.device)
+
+
+def options_key(options: tuple) -> tuple:
+    """Option values and their types (``True == 1 == 1.0``, but only some of them are valid)."""
+    return options, tuple(map(type, options))
+
+
+def eager_direct(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may skip the custom op: not tracing, and no input that autograd must follow."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
+
+
+def kernel_timesteps(timesteps: TimestepLike, device: torch.device) -> TimestepLike:
+    """What the backends take: a python int, or an int64 ``[1 or B]`` tensor (a view when already so)."""
+    if type(timesteps) is int:
+        # TRANSITIONAL: until every backend takes python ints (in progress), a one-element tensor.
+        return torch.full((1,), timesteps, dtype=torch.int64, device=device)
+    return timesteps.reshape(-1).to(torch.int64)
+
+
+def table_ready(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> bool:
+    """Whether ``prepare_table`` would return the table itself (then a call skips it)."""
+    dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    return alphas_cumprod.device == sample.device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous()

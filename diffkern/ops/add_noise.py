@@ -9,6 +9,8 @@ no noise at all at small t.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from diffkern import backends
@@ -79,12 +81,46 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     Returns:
         x_t with ``original_samples``' shape, dtype and memory format.
     """
+    key = plan = None
+    if not torch.compiler.is_compiling():
+        timesteps = C.host_scalar(timesteps)
+        try:
+            key = (C.tensor_key(original_samples), C.tensor_key(noise), C.table_key(alphas_cumprod),
+                   C.timestep_key(timesteps), C.options_key((backend,)), backends.environment_choice(backend))
+            plan = _PLANS.get(key)
+        except Exception:  # a bad argument, or values checked on every call: the full checks below
+            key = None
+    if plan is None:
+        plan, timesteps = _add_noise_plan(original_samples, noise, timesteps, alphas_cumprod, backend)
+        C.store_plan(_PLANS, key, plan)
+    backends.record_choice("add_noise", plan.backend)
+
+    x0, eps = C.same_layout([original_samples, noise]) if plan.relayout else (original_samples, noise)
+    table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, x0)
+    if C.eager_direct(x0, eps):
+        return plan.implementation(x0, eps, table, C.kernel_timesteps(timesteps, x0.device))
+    return _add_noise_op(x0, eps, table, C.prepare_timesteps(timesteps, x0.device), plan.backend)
+
+
+class _AddNoisePlan(NamedTuple):
+    """A validated ``add_noise`` call signature (see ``_common``'s "eager hot path")."""
+    backend: str
+    implementation: Callable
+    relayout: bool  # the samples are not laid out alike: contiguous copies first
+    table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
+
+
+_PLANS = C.plan_cache()
+
+
+def _add_noise_plan(original_samples, noise, timesteps, alphas_cumprod, backend):
+    """Every check of ``add_noise``; returns (plan, timesteps normalised)."""
     C.check_tensor("original_samples", original_samples)
     C.check_like("noise", noise, "original_samples", original_samples)
     device = original_samples.device
     num_train = C.check_table(alphas_cumprod, device)
     timesteps = C.check_timesteps("timesteps", timesteps, original_samples.shape[0], num_train, device)
     chosen = backends.resolve("add_noise", backend, device)
-    x0, eps = C.same_layout([original_samples, noise])
-    return _add_noise_op(x0, eps, C.prepare_table(alphas_cumprod, x0),
-                         C.prepare_timesteps(timesteps, device), chosen)
+    plan = _AddNoisePlan(chosen, backends.eager_implementation(chosen, "add_noise"),
+                         not C.laid_out_alike((original_samples, noise)), C.table_ready(alphas_cumprod, original_samples))
+    return plan, timesteps

@@ -14,7 +14,7 @@ eps_model = uncond + s (cond - uncond) is part of the step.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -137,6 +137,61 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     Returns:
         ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype and memory format.
     """
+    options = (eta, prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, backend)
+    key = plan = None
+    if not torch.compiler.is_compiling():
+        timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
+        try:
+            key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
+                   C.timestep_key(timestep), C.timestep_key(prev_timestep), C.optional_tensor_key(noise),
+                   generator is None, C.options_key(options), backends.environment_choice(backend))
+            plan = _PLANS.get(key)
+        except Exception:  # a bad argument, or values checked on every call: the full checks below
+            key = None
+    if plan is None:
+        plan, timestep, prev_timestep = _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep,
+                                                   noise, generator, *options)
+        C.store_plan(_PLANS, key, plan)
+    backends.record_choice("ddim_step", plan.backend)
+
+    relayout = plan.relayout
+    if plan.eta == 0:
+        noise = None
+    elif noise is None:
+        noise = C.draw_noise(sample.shape, model_output.dtype, sample.device, generator)
+        relayout = not C.laid_out_alike((model_output, sample, noise))
+    if relayout:
+        model_output, sample, noise = C.same_layout([model_output, sample, noise])
+    table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
+    if C.eager_direct(model_output, sample, noise):
+        device = sample.device
+        prev, x0 = plan.implementation(model_output, sample, noise, table, C.kernel_timesteps(timestep, device),
+                                       C.kernel_timesteps(prev_timestep, device), **plan.options)
+    else:
+        device = sample.device
+        prev, x0 = _ddim_step_op(model_output, sample, noise, table, C.prepare_timesteps(timestep, device),
+                                 C.prepare_timesteps(prev_timestep, device), *plan.options.values(), plan.backend)
+    return StepOutput(prev, x0)
+
+
+class _DdimPlan(NamedTuple):
+    """A validated ``ddim_step`` call signature (see ``_common``'s "eager hot path")."""
+    backend: str
+    implementation: Callable
+    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
+    eta: float
+    relayout: bool  # the tensors are not laid out alike: contiguous copies first
+    table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
+
+
+_PLANS = C.plan_cache()
+
+
+def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, noise, generator, eta,
+               prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, backend):
+    """Every check of ``ddim_step``; returns (plan, timestep, prev_timestep) with the timesteps normalised."""
     C.check_tensor("sample", sample)
     C.check_tensor("model_output", model_output)
     batch = sample.shape[0]
@@ -159,14 +214,10 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
     chosen = backends.resolve("ddim_step", backend, device)
-    if eta > 0 and noise is None:
-        noise = C.draw_noise(sample.shape, model_output.dtype, device, generator)
-    elif eta == 0:
-        noise = None
-    model_output, sample, noise = C.same_layout([model_output, sample, noise])
-    prev, x0 = _ddim_step_op(
-        model_output, sample, noise, C.prepare_table(alphas_cumprod, sample),
-        C.prepare_timesteps(timestep, device), C.prepare_timesteps(prev_timestep, device),
-        final_alpha_cumprod, eta, prediction_type, *x0_options, use_clipped_model_output,
-        None if guidance_scale is None else float(guidance_scale), chosen)
-    return StepOutput(prev, x0)
+    options = dict(final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
+                   **x0_options._asdict(), use_clipped_model_output=use_clipped_model_output,
+                   guidance_scale=None if guidance_scale is None else float(guidance_scale))
+    plan = _DdimPlan(chosen, backends.eager_implementation(chosen, "ddim_step"), options, eta,
+                     not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
+                     C.table_ready(alphas_cumprod, sample))
+    return plan, timestep, prev_timestep

@@ -15,7 +15,7 @@ With a = abar_t, a' = abar_prev (1.0 when prev_timestep < 0), alpha = a / a', be
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -140,6 +140,63 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     Returns:
         ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype.
     """
+    options = (variance_type, prediction_type, clip_sample, clip_sample_range, thresholding,
+               dynamic_thresholding_ratio, sample_max_value, guidance_scale, backend)
+    key = plan = None
+    if not torch.compiler.is_compiling():
+        timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
+        try:
+            key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
+                   C.timestep_key(timestep), None if prev_timestep is None else C.timestep_key(prev_timestep),
+                   C.optional_tensor_key(noise), generator is None, C.options_key(options),
+                   backends.environment_choice(backend))
+            plan = _PLANS.get(key)
+        except Exception:  # a bad argument, or values checked on every call: the full checks below
+            key = None
+    if plan is None:
+        plan, timestep, prev_timestep = _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep,
+                                                   noise, generator, *options)
+        C.store_plan(_PLANS, key, plan)
+    backends.record_choice("ddpm_step", plan.backend)
+
+    relayout = plan.relayout
+    if noise is None and _may_have_positive_timestep(timestep):
+        noise = C.draw_noise(sample.shape, model_output.dtype, sample.device, generator)
+        relayout = relayout or not C.laid_out_alike((model_output, sample, noise))
+    if relayout:
+        # With a learned variance the 2C-channel output is split per sample in C order: lay everything out so.
+        tensors = [model_output, sample, noise]
+        model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if plan.learned \
+            else C.same_layout(tensors)
+    table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
+    if C.eager_direct(model_output, sample, noise):
+        t = C.kernel_timesteps(timestep, sample.device)
+        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep, sample.device)
+        prev, x0 = plan.implementation(model_output, sample, noise, table, t, prev_t, **plan.options)
+    else:
+        t = C.prepare_timesteps(timestep, sample.device)
+        prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, sample.device)
+        prev, x0 = _ddpm_step_op(model_output, sample, noise, table, t, prev_t, *plan.options.values(), plan.backend)
+    return StepOutput(prev, x0)
+
+
+class _DdpmPlan(NamedTuple):
+    """A validated ``ddpm_step`` call signature (see ``_common``'s "eager hot path")."""
+    backend: str
+    implementation: Callable
+    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
+    learned: bool  # a learned variance: the 2C-channel model output
+    relayout: bool  # the tensors are not laid out alike (or a learned variance's are not contiguous)
+    table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
+
+
+_PLANS = C.plan_cache()
+
+
+def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, noise, generator, variance_type,
+               prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+               sample_max_value, guidance_scale, backend):
+    """Every check of ``ddpm_step``; returns (plan, timestep, prev_timestep) with the timesteps normalised."""
     C.check_tensor("sample", sample, ndim_min=2)
     C.check_tensor("model_output", model_output, ndim_min=2)
     C.check_choice("variance_type", variance_type, VARIANCE_TYPES)
@@ -163,18 +220,13 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
     chosen = backends.resolve("ddpm_step", backend, device)
-    t = C.prepare_timesteps(timestep, device)
-    prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, device)
-    if noise is None and _may_have_positive_timestep(timestep):
-        noise = C.draw_noise(sample.shape, model_output.dtype, device, generator)
-    tensors = [model_output, sample, noise]
-    # With a learned variance the 2C-channel output is split per sample in C order: lay everything out so.
-    model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if learned \
-        else C.same_layout(tensors)
-    prev, x0 = _ddpm_step_op(
-        model_output, sample, noise, C.prepare_table(alphas_cumprod, sample), t, prev_t, variance_type,
-        prediction_type, *x0_options, None if guidance_scale is None else float(guidance_scale), chosen)
-    return StepOutput(prev, x0)
+    options = dict(variance_type=variance_type, prediction_type=prediction_type, **x0_options._asdict(),
+                   guidance_scale=None if guidance_scale is None else float(guidance_scale))
+    tensors = (model_output, sample, noise)
+    relayout = not all(x is None or x.is_contiguous() for x in tensors) if learned else not C.laid_out_alike(tensors)
+    plan = _DdpmPlan(chosen, backends.eager_implementation(chosen, "ddpm_step"), options, learned, relayout,
+                     C.table_ready(alphas_cumprod, sample))
+    return plan, timestep, prev_timestep
 
 
 def _may_have_positive_timestep(timestep: C.TimestepLike) -> bool:

@@ -21,7 +21,7 @@ Backend contract: ``x`` arrives as a 3-D view ``(N, C, S)`` that is either C-con
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,36 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
     Statistics and arithmetic are fp32 for every input dtype. Differentiable in x, weight and bias.
     """
+    key = plan = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = (C.tensor_key(x), C.optional_tensor_key(weight), C.optional_tensor_key(bias),
+                   C.options_key((num_groups, eps, backend)), backends.environment_choice(backend))
+            plan = _PLANS.get(key)
+        except Exception:  # a bad argument: the full checks below
+            key = None
+    if plan is None:
+        plan = C.store_plan(_PLANS, key, _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend))
+    backends.record_choice("group_norm_silu", plan.backend)
+    if C.eager_direct(x, weight, bias):
+        y3, _, _ = plan.implementation(_as_3d(x), weight, bias, num_groups, plan.eps)
+        return y3.view(x.shape)
+    y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, plan.eps, plan.backend)
+    return y
+
+
+class _GroupNormSiLUPlan(NamedTuple):
+    """A validated ``group_norm_silu`` call signature (see ``_common``'s "eager hot path")."""
+    backend: str
+    implementation: Callable  # the backend's forward
+    eps: float
+
+
+_PLANS = C.plan_cache()
+
+
+def _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend) -> _GroupNormSiLUPlan:
+    """Every check of ``group_norm_silu``."""
     C.check_tensor("x", x, ndim_min=2)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
@@ -235,8 +265,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
                 raise ValueError(f"{name} must be on x's device {x.device}, got {param.device}")
     C.check_float("eps", eps, low=0.0)
     chosen = backends.resolve("group_norm_silu", backend, x.device)
-    y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, float(eps), chosen)
-    return y
+    return _GroupNormSiLUPlan(chosen, backends.eager_implementation(chosen, "group_norm_silu_forward"), float(eps))
 
 
 class GroupNormSiLU(nn.GroupNorm):

@@ -1,0 +1,329 @@
+"""``python -m diffkern bench --host``: what a call costs on the host, before and around its kernel.
+
+At latent sizes a step's kernel runs in a few microseconds, so the eager call path in front of it (checks,
+dispatch, launch setup) is the latency a user sees. This measures it on any machine, GPU or not:
+
+- **host cost per call** of each public op on each backend, on tiny CPU tensors. For the ``triton`` and
+  ``cuda`` backends the device work is replaced by a no-op through :func:`device_work_skipped` (below), so the
+  figure is everything the call does except the kernel itself; the ``reference`` backend runs for real (it is
+  what CPU users run). Beside them, in the same run: a bare aten op (``torch.add`` of the same tensors),
+  diffusers' own ``step``/``add_noise`` and the plain PyTorch formula of each op, with the ratios the targets
+  are stated in (README: "What a call costs").
+- **the reference at working sizes** (SD 1.5 latents (2, 4, 64, 64), a UNet GroupNorm (2, 320, 32, 32)) against
+  diffusers and the plain formula.
+- on a GPU, also the **real end-to-end latency per call** at SD 1.5 and SDXL latent sizes (fp32/fp16/bf16):
+  back-to-back eager calls, synchronised once, against diffusers' guidance + ``step`` and the eager PyTorch
+  formula.
+
+Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks of back-to-back calls; on a GPU
+the statement synchronises at the end of each block of calls it times, see :func:`_timer`).
+
+The seam. :func:`device_work_skipped` is a context manager for this benchmark only: no public function enters
+it, and outside it nothing is patched. Inside it the CUDA extension's ops are replaced by their fake kernels
+(which allocate the outputs and return them: the launch itself is the only thing missing), every Triton kernel's
+``kernel[grid](...)`` launch does nothing, and both backends report themselves available on CPU tensors. What
+is then measured is exactly the host path a real call takes up to the launch, including output allocation.
+What it leaves out is the launch call itself (a C++ op call through torch's dispatcher for ``cuda``, Triton's
+launcher for ``triton``), which only a GPU measures: the GPU part of this benchmark does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
+
+import diffkern
+from diffkern import backends
+
+# The targets of the hot-path work, checked and printed by the CPU part (ratios within one run).
+TARGET_VS_ADD = 6.0           # fast-backend host cost <= 6x a bare torch.add
+TARGET_VS_DIFFUSERS = 1 / 8   # ... and <= 1/8 of diffusers' DDIM step
+TARGET_REFERENCE_STEP = 1.0   # reference step <= diffusers' step on the same tensors
+TARGET_REFERENCE_FORMULA = 1.3  # reference add_noise / group_norm_silu <= 1.3x the plain PyTorch formula
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seam.
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` does nothing."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return _no_launch
+
+
+def _no_launch(*args, **kwargs) -> None:
+    return None
+
+
+def _triton_modules() -> Iterator[types.ModuleType]:
+    package = importlib.import_module("diffkern.triton")
+    yield package
+    for info in pkgutil.walk_packages(package.__path__, "diffkern.triton."):
+        yield importlib.import_module(info.name)
+
+
+@contextlib.contextmanager
+def device_work_skipped() -> Iterator[None]:
+    """Benchmark-only (see the module docstring): the ``triton`` and ``cuda`` backends run their whole host path
+    on CPU tensors with every kernel launch replaced by nothing. Restores everything on exit."""
+    import triton
+
+    from diffkern import _cuda_ops
+    from diffkern.ops import _declaration
+
+    patched: List[Tuple[object, str, object]] = []
+
+    def patch(owner, name, value):
+        patched.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    fakes = types.SimpleNamespace(**{op.name: op.fake for op in _declaration.cuda_ops()})
+    patch(_cuda_ops, "_ops", lambda: fakes)
+    for module in _triton_modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.JITFunction):
+                patch(module, name, _NoLaunch(value))
+    backends.clear_cache()
+    for backend in ("triton", "cuda"):
+        backends._status_cache[(backend, "cpu")] = backends.BackendStatus(True, "device work skipped (host bench)")
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(patched):
+            setattr(owner, name, value)
+        backends.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring.
+
+
+@dataclass
+class HostResult:
+    group: str     # what is compared with what (one line of the table per group)
+    name: str      # the callable
+    median_us: float
+
+
+def _timer(fn: Callable[[], object], synchronize: bool) -> float:
+    """Median µs per call of ``fn`` (``torch.utils.benchmark``), synchronising the GPU after each block."""
+    if synchronize:
+        def stmt():
+            fn()
+            torch.cuda.synchronize()
+        # One call per statement would time the sync; ten back-to-back calls per statement amortise it.
+        def run_ten():
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        measurement = benchmark.Timer(stmt="run()", globals={"run": run_ten}).blocked_autorange(min_run_time=0.3)
+        return measurement.median * 1e6 / 10
+    measurement = benchmark.Timer(stmt="run()", globals={"run": fn}).blocked_autorange(min_run_time=0.3)
+    return measurement.median * 1e6
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers
+
+
+def _step_inputs(shape, dtype, device, generator):
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    eps = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    return x, eps
+
+
+def _host_cases(shape=(2, 4, 8, 8), gn_shape=(2, 64, 4, 4), groups=32) -> Dict[str, Dict[str, Callable]]:
+    """group -> {name: callable} on tiny CPU tensors."""
+    g = torch.Generator().manual_seed(0)
+    x, eps = _step_inputs(shape, torch.float32, "cpu", g)
+    eps2 = torch.cat([eps, eps.flip(0)])
+    noise = torch.randn(shape, generator=g)
+    abar = diffkern.alphas_cumprod(diffkern.make_betas("scaled_linear", 1000, 0.00085, 0.012)).float()
+    t, t_prev = 500, 480
+    gx = torch.randn(gn_shape, generator=g)
+    weight, bias = torch.randn(gn_shape[1], generator=g), torch.randn(gn_shape[1], generator=g)
+    cases: Dict[str, Dict[str, Callable]] = {"bare aten op": {"torch.add": lambda: torch.add(x, eps)}}
+
+    def per_backend(op, call):
+        return {f"diffkern {op} [{b}]": (lambda b=b: call(b)) for b in backends.BACKENDS}
+
+    cases["ddim_step"] = per_backend("ddim_step", lambda b: diffkern.ddim_step(
+        eps, t, x, abar, prev_timestep=t_prev, backend=b))
+    cases["ddim_step + guidance"] = per_backend("ddim_step", lambda b: diffkern.ddim_step(
+        eps2, t, x, abar, prev_timestep=t_prev, guidance_scale=7.5, backend=b))
+    cases["ddpm_step"] = per_backend("ddpm_step", lambda b: diffkern.ddpm_step(
+        eps, t, x, abar, prev_timestep=t_prev, noise=noise, backend=b))
+    cases["add_noise"] = per_backend("add_noise", lambda b: diffkern.add_noise(x, noise, t, abar, backend=b))
+    cases["group_norm_silu"] = per_backend("group_norm_silu", lambda b: diffkern.group_norm_silu(
+        gx, groups, weight, bias, backend=b))
+
+    cases["add_noise"]["PyTorch formula"] = lambda: abar[t] ** 0.5 * x + (1 - abar[t]) ** 0.5 * noise
+    cases["group_norm_silu"]["PyTorch formula"] = lambda: F.silu(F.group_norm(gx, groups, weight, bias))
+    diffusers = _diffusers()
+    if diffusers is not None:
+        ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+        ddim.set_timesteps(50)
+        ddpm = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+        ddpm.set_timesteps(50)
+        timesteps = torch.tensor([t])
+        cases["ddim_step"]["diffusers DDIMScheduler.step"] = lambda: ddim.step(eps, t, x)
+        cases["ddim_step + guidance"]["diffusers guidance + step"] = lambda: ddim.step(
+            eps2[:2] + 7.5 * (eps2[2:] - eps2[:2]), t, x)
+        cases["ddpm_step"]["diffusers DDPMScheduler.step"] = lambda: ddpm.step(eps, t, x, generator=g)
+        cases["add_noise"]["diffusers add_noise"] = lambda: ddim.add_noise(x, noise, timesteps)
+    return cases
+
+
+def _working_size_cases() -> Dict[str, Dict[str, Callable]]:
+    """The reference against diffusers and the formula at working sizes, on the CPU."""
+    cases = _host_cases(shape=(2, 4, 64, 64), gn_shape=(2, 320, 32, 32))
+    keep = {}
+    for group, entries in cases.items():
+        if group == "bare aten op":
+            continue
+        keep[group] = {name: fn for name, fn in entries.items() if not name.endswith(("[triton]", "[cuda]"))}
+    return keep
+
+
+def _gpu_cases(device: torch.device) -> Dict[str, Dict[str, Callable]]:
+    """Real eager latency per call at SD 1.5 / SDXL latents: diffkern's DDIM step with guidance on each GPU
+    backend against diffusers' guidance + step and the eager PyTorch formula."""
+    cases: Dict[str, Dict[str, Callable]] = {}
+    abar = diffkern.alphas_cumprod(diffkern.make_betas("scaled_linear", 1000, 0.00085, 0.012)).float().to(device)
+    diffusers = _diffusers()
+    t, t_prev = 500, 480
+    for label, shape in (("SD 1.5", (2, 4, 64, 64)), ("SDXL", (2, 4, 128, 128))):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            g = torch.Generator().manual_seed(0)
+            x, eps = _step_inputs(shape, dtype, device, g)
+            eps2 = torch.cat([eps, eps.flip(0)])
+            group = f"ddim_step + guidance {label} {tuple(shape)} {str(dtype).replace('torch.', '')}"
+            entries = {f"diffkern [{b}]": (lambda b=b, x=x, eps2=eps2: diffkern.ddim_step(
+                eps2, t, x, abar, prev_timestep=t_prev, guidance_scale=7.5, backend=b))
+                for b in ("triton", "cuda") if backends.backend_status(b, "cuda").available}
+            a, a_prev = abar[t], abar[t_prev]
+
+            def eager(x=x, eps2=eps2, a=a, a_prev=a_prev):
+                e = eps2[:2] + 7.5 * (eps2[2:] - eps2[:2])
+                x0 = (x - (1 - a) ** 0.5 * e) / a ** 0.5
+                return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e
+            entries["eager PyTorch"] = eager
+            if diffusers is not None:
+                ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                               clip_sample=False)
+                ddim.set_timesteps(50)
+                ddim.alphas_cumprod = ddim.alphas_cumprod.to(device)
+                entries["diffusers guidance + step"] = (lambda ddim=ddim, x=x, eps2=eps2: ddim.step(
+                    eps2[:2] + 7.5 * (eps2[2:] - eps2[:2]), t, x))
+            cases[group] = entries
+    return cases
+
+
+def _measure_groups(cases: Dict[str, Dict[str, Callable]], synchronize: bool) -> List[HostResult]:
+    results = []
+    for group, entries in cases.items():
+        for name, fn in entries.items():
+            with torch.no_grad():
+                fn()  # first call: imports, checks, plan
+                results.append(HostResult(group, name, _timer(fn, synchronize)))
+    return results
+
+
+def measure_host(*, working_sizes: bool = True) -> List[HostResult]:
+    """The CPU part: host cost per call (fast backends through :func:`device_work_skipped`) and the reference."""
+    results = []
+    with device_work_skipped():
+        results += _measure_groups(_host_cases(), synchronize=False)
+    if working_sizes:
+        for r in _measure_groups(_working_size_cases(), synchronize=False):
+            results.append(HostResult(r.group + " (working size)", r.name, r.median_us))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def _by_group(results: List[HostResult]) -> Dict[str, Dict[str, float]]:
+    table: Dict[str, Dict[str, float]] = {}
+    for r in results:
+        table.setdefault(r.group, {})[r.name] = r.median_us
+    return table
+
+
+def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bool]]:
+    """(what, measured ratio, target, met) for every stated target the results cover."""
+    table = _by_group(results)
+    add = table.get("bare aten op", {}).get("torch.add")
+    diffusers_ddim = table.get("ddim_step", {}).get("diffusers DDIMScheduler.step")
+    checks = []
+    for group in ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu"):
+        for backend in ("triton", "cuda"):
+            name = f"diffkern {group} [{backend}]"
+            us = table.get(group, {}).get(name)
+            if us is None:
+                continue
+            if add:
+                checks.append((f"{name} host / torch.add", us / add, TARGET_VS_ADD, us / add <= TARGET_VS_ADD))
+            if diffusers_ddim:
+                ratio = us / diffusers_ddim
+                checks.append((f"{name} host / diffusers DDIM step", ratio, TARGET_VS_DIFFUSERS,
+                               ratio <= TARGET_VS_DIFFUSERS))
+    for suffix in ("", " (working size)"):
+        for group, baseline, target in (("ddim_step", "diffusers DDIMScheduler.step", TARGET_REFERENCE_STEP),
+                                        ("ddpm_step", "diffusers DDPMScheduler.step", TARGET_REFERENCE_STEP),
+                                        ("add_noise", "PyTorch formula", TARGET_REFERENCE_FORMULA),
+                                        ("group_norm_silu", "PyTorch formula", TARGET_REFERENCE_FORMULA)):
+            entries = table.get(group + suffix, {})
+            ours, theirs = entries.get(f"diffkern {group} [reference]"), entries.get(baseline)
+            if ours and theirs:
+                ratio = ours / theirs
+                checks.append((f"reference {group}{suffix} / {baseline}", ratio, target, ratio <= target))
+    return checks
+
+
+def format_results(results: List[HostResult], title: str) -> str:
+    lines = [title]
+    for group, entries in _by_group(results).items():
+        lines.append(f"  {group}")
+        for name, us in entries.items():
+            lines.append(f"    {name:<44} {us:9.2f} µs")
+    return "\n".join(lines)
+
+
+def format_checks(checks) -> str:
+    lines = ["targets (ratios measured in this run):"]
+    for what, ratio, target, met in checks:
+        lines.append(f"  {'met ' if met else 'MISS'}  {what:<66} {ratio:6.3f}  (target <= {target:.3g})")
+    return "\n".join(lines)
+
+
+def main(device: Optional[torch.device] = None, *, working_sizes: bool = True) -> int:
+    """Prints the host tables (and on a CUDA device the real latency table); returns 0."""
+    print(f"diffkern bench --host; torch {torch.__version__}, python {sys.version.split()[0]}, "
+          f"{torch.get_num_threads()} torch threads")
+    results = measure_host(working_sizes=working_sizes)
+    print(format_results(results, "host cost per call (µs, median; triton/cuda: device work skipped)"))
+    print(format_checks(target_checks(results)))
+    if device is not None and device.type == "cuda":
+        gpu = _measure_groups(_gpu_cases(device), synchronize=True)
+        print(format_results(gpu, f"eager latency per call on {torch.cuda.get_device_name(device)} (µs, median)"))
+    return 0

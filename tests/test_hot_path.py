@@ -1,0 +1,184 @@
+"""The eager hot path (``diffkern/ops/_common.py``, "The eager hot path"): cached checks per call signature that
+skip nothing a call's values could break, the direct backend call in eager mode, and the host benchmark's seam.
+
+The ops' numerics are tested per op (tests/test_<op>.py); here only what the caching and the direct call change.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffkern
+from diffkern import backends, host_bench
+from diffkern.ops import _common as C
+from diffkern.ops import add_noise as add_noise_module
+from diffkern.ops import ddim as ddim_module
+from diffkern.ops import ddpm as ddpm_module
+from diffkern.ops import group_norm_silu as gn_module
+
+ABAR = diffkern.alphas_cumprod(diffkern.make_betas("scaled_linear", 1000, 0.00085, 0.012)).float()
+
+
+def _inputs(seed=0, shape=(2, 4, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def _ddim(eps, x, **kw):
+    kw.setdefault("prev_timestep", 480)
+    return diffkern.ddim_step(eps, kw.pop("timestep", 500), x, kw.pop("table", ABAR), backend="reference", **kw)
+
+
+def test_a_repeated_call_is_served_from_its_plan():
+    x, eps = _inputs()
+    ddim_module._PLANS.clear()
+    first = _ddim(eps, x)
+    assert len(ddim_module._PLANS) == 1
+    plan = next(iter(ddim_module._PLANS.values()))
+    second = _ddim(eps, x)
+    assert len(ddim_module._PLANS) == 1 and next(iter(ddim_module._PLANS.values())) is plan
+    assert torch.equal(first.prev_sample, second.prev_sample)
+    _ddim(eps, x, timestep=520, prev_timestep=500)   # another host timestep: another signature
+    assert len(ddim_module._PLANS) == 2
+
+
+@pytest.mark.parametrize("option, good, bad, error", [
+    ("clip_sample", False, 0, TypeError),            # 0 == False, but not a bool
+    ("eta", 0.0, False, TypeError),                  # False == 0.0, but not a float
+    ("use_clipped_model_output", True, 1, TypeError),
+    ("guidance_scale", None, float("nan"), ValueError),
+    ("prediction_type", "epsilon", ["epsilon"], ValueError),   # unhashable: the full checks
+])
+def test_a_cached_signature_does_not_admit_an_equal_but_invalid_value(option, good, bad, error):
+    x, eps = _inputs()
+    model_output = torch.cat([eps, eps]) if option == "guidance_scale" else eps
+    _ddim(model_output if good is not None else eps, x, **{option: good})
+    _ddim(model_output if good is not None else eps, x, **{option: good})
+    with pytest.raises(error, match=option):
+        _ddim(model_output, x, **{option: bad})
+
+
+def test_host_timestep_values_are_checked_on_every_call():
+    x, eps = _inputs()
+    _ddim(eps, x, timestep=999)
+    with pytest.raises(ValueError, match="timestep"):
+        _ddim(eps, x, timestep=1000)
+    # CPU [B] timesteps: values that change with the same signature are never served from a plan.
+    per_sample = torch.tensor([500, 520])
+    _ddim(eps, x, timestep=per_sample)
+    per_sample[1] = 1000
+    with pytest.raises(ValueError, match="timestep"):
+        _ddim(eps, x, timestep=per_sample)
+
+
+def test_a_modified_cpu_table_is_checked_again():
+    x, eps = _inputs()
+    table = ABAR.clone()
+    _ddim(eps, x, table=table)
+    _ddim(eps, x, table=table)
+    table[500] = 1.0   # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="alphas_cumprod is 1 at timestep 500"):
+        _ddim(eps, x, table=table)
+    table[500] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        _ddim(eps, x, table=table)
+
+
+def test_a_cpu_scalar_timestep_is_a_host_value():
+    x, eps = _inputs()
+    assert torch.equal(_ddim(eps, x, timestep=torch.tensor(500)).prev_sample, _ddim(eps, x).prev_sample)
+    with pytest.raises(TypeError, match="timestep"):
+        _ddim(eps, x, timestep=torch.tensor(500.0))
+    with pytest.raises(ValueError, match="timestep"):
+        _ddim(eps, x, timestep=torch.tensor([[500]]))
+
+
+def test_the_environment_still_decides_auto(monkeypatch):
+    x, eps = _inputs()
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    diffkern.add_noise(x, eps, 500, ABAR)
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        diffkern.add_noise(x, eps, 500, ABAR)
+
+
+def _forbid(monkeypatch, module, name):
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"{name} ran: an eager call without autograd must call the backend directly")
+    monkeypatch.setattr(module, name, forbidden)
+
+
+def test_eager_calls_skip_the_custom_op(monkeypatch):
+    x, eps = _inputs()
+    _forbid(monkeypatch, ddim_module, "_ddim_step_op")
+    _forbid(monkeypatch, ddpm_module, "_ddpm_step_op")
+    _forbid(monkeypatch, add_noise_module, "_add_noise_op")
+    _forbid(monkeypatch, gn_module, "_group_norm_silu_fwd_op")
+    _ddim(eps, x)
+    diffkern.ddpm_step(eps, 500, x, ABAR, noise=eps, backend="reference")
+    diffkern.add_noise(x, eps, 500, ABAR, backend="reference")
+    weight = torch.randn(4, requires_grad=True)
+    with torch.no_grad():   # parameters that require grad, but no autograd recording
+        diffkern.group_norm_silu(x, 2, weight, backend="reference")
+
+
+def test_inputs_that_require_grad_go_through_the_custom_op():
+    x, eps = _inputs()
+    eps.requires_grad_(True)
+    out = _ddim(eps, x)
+    out.prev_sample.sum().backward()
+    assert eps.grad is not None and torch.isfinite(eps.grad).all()
+    weight = torch.randn(4, requires_grad=True)
+    diffkern.group_norm_silu(x, 2, weight, backend="reference").sum().backward()
+    assert weight.grad is not None
+
+
+def test_clear_cache_drops_the_plans():
+    x, eps = _inputs()
+    diffkern.add_noise(x, eps, 500, ABAR, backend="reference")
+    assert add_noise_module._PLANS
+    backends.clear_cache()
+    assert not add_noise_module._PLANS
+
+
+def test_plan_caches_are_bounded(monkeypatch):
+    x, eps = _inputs()
+    monkeypatch.setattr(C, "PLAN_CACHE_LIMIT", 3)
+    add_noise_module._PLANS.clear()
+    for t in range(10):
+        diffkern.add_noise(x, eps, t, ABAR, backend="reference")
+    assert len(add_noise_module._PLANS) <= 3
+
+
+def test_the_host_seam_runs_the_fast_paths_and_restores_everything():
+    x, eps = _inputs()
+    with host_bench.device_work_skipped():
+        for backend in ("triton", "cuda"):
+            prev, x0 = _ddim_with(backend, eps, x)
+            assert prev.shape == x.shape and diffkern.backends.last_backend("ddim_step") == backend
+            y = diffkern.group_norm_silu(x, 2, backend=backend)
+            assert y.shape == x.shape
+    assert not backends.backend_status("cuda", "cpu").available
+    from diffkern import _cuda_ops
+    from diffkern.triton import ddim as triton_ddim
+    assert not isinstance(triton_ddim._ddim_step_kernel, host_bench._NoLaunch)
+    assert _cuda_ops._ops.__module__ == "diffkern._cuda_ops"
+
+
+def _ddim_with(backend, eps, x):
+    return diffkern.ddim_step(eps, 500, x, ABAR, prev_timestep=480, backend=backend)
+
+
+def test_host_bench_reports_every_op_and_the_targets(capsys):
+    results = host_bench.measure_host(working_sizes=False)
+    names = {(r.group, r.name) for r in results}
+    for op in ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu"):
+        for backend in backends.BACKENDS:
+            assert (op, f"diffkern {op} [{backend}]") in names
+    assert ("bare aten op", "torch.add") in names
+    assert all(r.median_us > 0 for r in results)
+    checks = host_bench.target_checks(results)
+    assert any("host / torch.add" in what for what, *_ in checks)
+    print(host_bench.format_checks(checks))
+    assert "targets" in capsys.readouterr().out
