@@ -83,7 +83,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from diffkern import backends
 from diffkern.ops.add_noise import add_noise as _add_noise
 from diffkern.ops.ddim import ddim_step
-from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step
+from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step, may_have_positive_timestep
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler"]
 
@@ -104,15 +104,6 @@ def _timestep(name: str, value) -> Timestep:
             return int(value.reshape(()))
         return value.reshape(-1) if value.ndim > 1 else value
     raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}")
-
-
-def _may_be_positive(t: Timestep) -> bool:
-    """Whether a step at ``t`` adds noise; a device tensor is not read (that would sync), so it may."""
-    if isinstance(t, int):
-        return t > 0
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        return bool((t > 0).any())
-    return True
 
 
 def _check_tensors(**tensors) -> None:
@@ -347,7 +338,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
                              f"variance) for variance_type={variance_type!r}, got shape {tuple(model_output.shape)}")
         device = sample.device
         noise = None
-        if _may_be_positive(t):
+        if may_have_positive_timestep(t):
             # diffusers' own draw (one randn like the sample, in model_output's dtype), so seeds reproduce it.
             noise = randn_tensor(sample.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)

@@ -160,7 +160,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     backends.record_choice("ddpm_step", plan.backend)
 
     relayout = plan.relayout
-    if noise is None and _may_have_positive_timestep(timestep):
+    if noise is None and may_have_positive_timestep(timestep):
         noise = C.draw_noise(sample.shape, model_output.dtype, sample.device, generator)
         relayout = relayout or not C.laid_out_alike((model_output, sample, noise))
     if relayout:
@@ -229,7 +229,7 @@ def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
     return plan, timestep, prev_timestep
 
 
-def _may_have_positive_timestep(timestep: C.TimestepLike) -> bool:
+def may_have_positive_timestep(timestep: C.TimestepLike) -> bool:
     """Whether noise must be drawn. Host values are read; a device tensor's are not (that would sync)."""
     if isinstance(timestep, int):
         return timestep > 0
