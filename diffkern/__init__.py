@@ -9,6 +9,8 @@ from diffkern.backends import BackendStatus, BackendUnavailableError, available_
 from diffkern.ops.add_noise import add_noise
 from diffkern.ops.ddim import StepOutput, ddim_step
 from diffkern.ops.ddpm import ddpm_step
+from diffkern.ops.flow_add_noise import flow_add_noise
+from diffkern.ops.flow_match import flow_match_step
 from diffkern.ops.group_norm_silu import GroupNormSiLU, group_norm_silu
 from diffkern.patching import patch_groupnorm_silu, unpatch_groupnorm_silu
 from diffkern.sampling import sample
@@ -27,6 +29,8 @@ __all__ = [
     "available_backends",
     "ddim_step",
     "ddpm_step",
+    "flow_add_noise",
+    "flow_match_step",
     "group_norm_silu",
     "make_betas",
     "patch_groupnorm_silu",

@@ -132,3 +132,25 @@ def group_norm_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Op
     dx, dweight, dbias = _ops().group_norm_silu_bwd_cuda(
         grad_out, x, _param(weight), _param(bias), mean.float().contiguous(), rstd.float().contiguous(), num_groups)
     return dx, (dweight if weight is not None else None), (dbias if bias is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flow matching (csrc/flow_match.cu): the Euler step, one kernel, or three launches with the guidance rescale
+# (a moments pass over the model output, their merge into std(cond) / std(v) per sample, the step); the forward
+# process, one kernel.
+
+from diffkern.ops.flow_add_noise import flow_add_noise_reference  # noqa: E402
+from diffkern.ops.flow_match import flow_match_step_reference  # noqa: E402
+
+
+@C.float64_runs_reference(flow_match_step_reference, dtype_from=1)
+def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                    sigma: torch.Tensor, sigma_next: torch.Tensor, *, guidance_scale: Optional[float],
+                    guidance_rescale: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _ops().flow_match_step_cuda(model_output, sample, noise if stochastic else None, sigma, sigma_next,
+                                       guidance_scale, guidance_rescale, 1 - guidance_rescale, stochastic)
+
+
+@C.float64_runs_reference(flow_add_noise_reference, dtype_from=0)
+def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return _ops().flow_add_noise_cuda(original_samples, noise, sigma)

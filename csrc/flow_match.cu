@@ -1,0 +1,323 @@
+// Flow matching (diffusers' FlowMatchEulerDiscreteScheduler; see diffkern/ops/flow_match.py and
+// flow_add_noise.py): the Euler step, with classifier-free guidance and its std rescale fused in, and the forward
+// process.
+//
+// flow_match_step_cuda: one elementwise-engine kernel reads model_output (both halves with guidance), the sample
+// and, stochastic, the noise once, and writes prev_sample and pred_original_sample once. Per-sample sigma and
+// sigma_next are float32 [1 or B] device tensors, read in the kernel.
+//
+// Guidance rescale needs q = std(cond) / std(v) per sample (v the guided velocity, unbiased std over the whole
+// sample) before any element is written. cfg_moments_kernel reads both halves once: each block takes a chunk of
+// one sample (16-byte vectors where both halves align), each thread merges the moments (count, mean, M2) of its
+// vectors (Chan et al.), the block merges its threads' in a fixed order and writes the chunk's moments of cond
+// and v. rescale_factor_kernel (one block per sample) merges the chunks' moments, again in a fixed order, into q;
+// the step reads it. Two passes over the model output, three launches; deterministic (no atomics).
+//
+// flow_add_noise_cuda: one engine pass, sigma * noise + (1 - sigma) * x0.
+#include "reductions.cuh"
+#include "step.cuh"
+
+namespace diffkern {
+namespace {
+
+constexpr int kStatsThreads = 256;
+constexpr int kStatsWarps = kStatsThreads / 32;
+constexpr int64_t kStatsChunk = 4096;  // elements of one sample per block of the moments pass
+
+// sigma[b] of a [1] (shared) or [B] tensor.
+__device__ __forceinline__ float sigma_of(const float* sigma, int64_t numel, int64_t b) {
+  return sigma[numel == 1 ? 0 : b];
+}
+
+struct FlowScalars {
+  const float* sigma;
+  int64_t sigma_numel;
+  const float* sigma_next;
+  int64_t sigma_next_numel;
+  const float* factor;  // q per sample with the rescale, else null
+  float guidance_scale;
+  float rescale;
+  float keep;  // 1 - rescale, rounded once from float64 (as the pipelines compute it)
+};
+
+// The step; its streams are StepStreams' (the noise stream is the stochastic step's z).
+template <bool GUIDED, bool STOCHASTIC, bool RESCALE>
+struct FlowStepOp : StepStreams<GUIDED, STOCHASTIC, false> {
+  using Streams = StepStreams<GUIDED, STOCHASTIC, false>;
+
+  FlowScalars p;
+
+  struct Coef {
+    float s;
+    float s_next;
+    float dt;         // sigma_next - sigma
+    float keep_next;  // 1 - sigma_next
+    float q;
+  };
+
+  __device__ __forceinline__ Coef coef(int64_t b) const {
+    Coef c;
+    c.s = sigma_of(p.sigma, p.sigma_numel, b);
+    c.s_next = sigma_of(p.sigma_next, p.sigma_next_numel, b);
+    c.dt = c.s_next - c.s;
+    c.keep_next = 1.0f - c.s_next;
+    c.q = RESCALE ? p.factor[b] : 1.0f;
+    return c;
+  }
+
+  __device__ __forceinline__ void apply(const Coef& c, const float (&in)[Streams::kIn], float (&out)[2]) const {
+    float v = in[0];
+    if constexpr (GUIDED) v = v + p.guidance_scale * (in[1] - v);
+    if constexpr (RESCALE) v = p.rescale * (v * c.q) + p.keep * v;
+    const float x = in[Streams::kX];
+    const float x0 = x - c.s * v;
+    if constexpr (STOCHASTIC) {
+      out[0] = c.keep_next * x0 + c.s_next * in[Streams::noise_index()];
+    } else {
+      out[0] = x + c.dt * v;
+    }
+    out[1] = x0;
+  }
+};
+
+struct FlowAddNoiseOp {
+  const float* sigma;
+  int64_t sigma_numel;
+
+  struct Coef {
+    float s;
+    float keep;
+  };
+
+  __device__ __forceinline__ Coef coef(int64_t b) const {
+    const float s = sigma_of(sigma, sigma_numel, b);
+    return Coef{s, 1.0f - s};
+  }
+
+  __device__ __forceinline__ void apply(const Coef& c, const float (&in)[2], float (&out)[1]) const {
+    out[0] = c.s * in[1] + c.keep * in[0];
+  }
+};
+
+// The moments of W values held by one thread: mean and M2 from the values themselves (two steps, in registers).
+template <int W>
+__device__ __forceinline__ Moments vector_moments(const float (&f)[W]) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int e = 0; e < W; ++e) sum += f[e];
+  const float mean = sum / static_cast<float>(W);
+  float m2 = 0.0f;
+#pragma unroll
+  for (int e = 0; e < W; ++e) m2 += (f[e] - mean) * (f[e] - mean);
+  return Moments{static_cast<float>(W), mean, m2};
+}
+
+// Merges two moments per thread over the block (warps by shuffles, then the warps in order on thread 0); the
+// results are valid on thread 0. Every thread of the block must call it.
+__device__ __forceinline__ void block_merge_moments(Moments& a, Moments& b) {
+  __shared__ Moments warp_a[kStatsWarps];
+  __shared__ Moments warp_b[kStatsWarps];
+  a = warp_merge_moments(a);
+  b = warp_merge_moments(b);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    warp_a[warp] = a;
+    warp_b[warp] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kStatsWarps; ++w) {
+      a = merge_moments(a, warp_a[w]);
+      b = merge_moments(b, warp_b[w]);
+    }
+  }
+  __syncthreads();  // the slots are free again for the block's next chunk
+}
+
+// partial[(b * chunks + k) * 2 + {0, 1}]: the moments of cond and of v = uncond + s (cond - uncond) over chunk k
+// of sample b. Blocks stride over chunks (x) and samples (y).
+template <typename T>
+__global__ void __launch_bounds__(kStatsThreads)
+    cfg_moments_kernel(const T* __restrict__ model_output, Moments* __restrict__ partial, int64_t n, int64_t batch,
+                       int64_t chunks, float guidance_scale) {
+  constexpr int W = kVec<T>;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const T* uncond = model_output + b * n;
+    const T* cond = model_output + (batch + b) * n;
+    for (int64_t k = blockIdx.x; k < chunks; k += gridDim.x) {
+      const int64_t begin = k * kStatsChunk;
+      const int64_t end = begin + kStatsChunk < n ? begin + kStatsChunk : n;
+      Moments mc{0.0f, 0.0f, 0.0f};
+      Moments mv{0.0f, 0.0f, 0.0f};
+      int64_t scalar_begin = begin;
+      if (aligned16(uncond + begin) && aligned16(cond + begin)) {
+        const int64_t vectors = (end - begin) / W;
+        for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
+          float u[W];
+          float c[W];
+          float v[W];
+          load_vec<T>(uncond + begin + j * W, u);
+          load_vec<T>(cond + begin + j * W, c);
+#pragma unroll
+          for (int e = 0; e < W; ++e) v[e] = u[e] + guidance_scale * (c[e] - u[e]);
+          mc = merge_moments(mc, vector_moments<W>(c));
+          mv = merge_moments(mv, vector_moments<W>(v));
+        }
+        scalar_begin = begin + vectors * W;
+      }
+      for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float u = load_scalar(uncond + i);
+        const float c = load_scalar(cond + i);
+        mc = merge_moments(mc, Moments{1.0f, c, 0.0f});
+        mv = merge_moments(mv, Moments{1.0f, u + guidance_scale * (c - u), 0.0f});
+      }
+      block_merge_moments(mc, mv);
+      if (threadIdx.x == 0) {
+        partial[(b * chunks + k) * 2] = mc;
+        partial[(b * chunks + k) * 2 + 1] = mv;
+      }
+    }
+  }
+}
+
+// factor[b] = std(cond) / std(v) of sample b (unbiased: M2 / (n - 1)) from its chunks' moments.
+__global__ void __launch_bounds__(kStatsThreads)
+    rescale_factor_kernel(const Moments* __restrict__ partial, float* __restrict__ factor, int64_t batch,
+                          int64_t chunks) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    Moments mc{0.0f, 0.0f, 0.0f};
+    Moments mv{0.0f, 0.0f, 0.0f};
+    for (int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
+      mc = merge_moments(mc, partial[(b * chunks + k) * 2]);
+      mv = merge_moments(mv, partial[(b * chunks + k) * 2 + 1]);
+    }
+    block_merge_moments(mc, mv);
+    if (threadIdx.x == 0) factor[b] = sqrtf(mc.m2 / (mc.n - 1.0f)) / sqrtf(mv.m2 / (mv.n - 1.0f));
+  }
+}
+
+// q per sample (float32 [B]) of a guided model output [2B, n...] on sample's device and stream.
+Tensor rescale_factor(const Tensor& model_output, const Tensor& sample, int64_t batch, int64_t n, float guidance_scale,
+                      cudaStream_t stream) {
+  const int64_t chunks = (n + kStatsChunk - 1) / kStatsChunk;
+  // Moments are 3 floats: 6 floats per chunk.
+  Tensor partial = empty_float(sample, {batch * chunks * 6});
+  Tensor factor = empty_float(sample, {batch});
+  Moments* part = reinterpret_cast<Moments*>(partial.mutable_data_ptr());
+  float* q = static_cast<float*>(factor.mutable_data_ptr());
+  const unsigned gx = static_cast<unsigned>(chunks < 65535 ? chunks : 65535);
+  const unsigned gy = static_cast<unsigned>(batch < 65535 ? batch : 65535);
+  dispatch_float_types(sample.scalar_type(), "flow_match_step (moments)", [&](auto tag) {
+    using T = decltype(tag);
+    launch("flow_match_step (moments)", cfg_moments_kernel<T>, dim3(gx, gy), dim3(kStatsThreads), 0, stream,
+           static_cast<const T*>(model_output.const_data_ptr()), part, n, batch, chunks, guidance_scale);
+  });
+  launch("flow_match_step (rescale factor)", rescale_factor_kernel, dim3(gy), dim3(kStatsThreads), 0, stream,
+         static_cast<const Moments*>(part), q, batch, chunks);
+  return factor;
+}
+
+void check_sigma(const Tensor& sigma, const char* name, const Tensor& sample, int64_t batch) {
+  check_same_device(sigma, name, sample, "sample");
+  check_dtype(sigma, name, ScalarType::Float);
+  STD_TORCH_CHECK(sigma.dim() == 1 && (sigma.numel() == 1 || sigma.numel() == batch) && sigma.is_contiguous(),
+                  "diffkern: ", name, " must be a contiguous float32 tensor of shape [1] or [", batch, "]");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> flow_match_step_cuda(const Tensor& model_output, const Tensor& sample,
+                                                const std::optional<Tensor>& noise, const Tensor& sigma,
+                                                const Tensor& sigma_next, std::optional<double> guidance_scale,
+                                                double guidance_rescale, double keep, bool stochastic) {
+  check_cuda_tensor(sample, "sample");
+  check_sample_dtype(sample, "sample");
+  STD_TORCH_CHECK(sample.dim() >= 1, "diffkern: sample must have a batch dimension");
+  const int64_t batch = sample.size(0);
+  const bool guided = guidance_scale.has_value();
+  STD_TORCH_CHECK(model_output.dim() == sample.dim() && model_output.size(0) == (guided ? 2 : 1) * batch,
+                  "diffkern: model_output must have ", guided ? "2B" : "B", " samples of sample's shape");
+  check_model_output(model_output, sample, 1);
+  check_alike_batch_outer(model_output, sample);
+  check_sigma(sigma, "sigma", sample, batch);
+  check_sigma(sigma_next, "sigma_next", sample, batch);
+  STD_TORCH_CHECK(!stochastic || noise.has_value(), "diffkern: the stochastic flow_match_step needs noise");
+  if (stochastic) {
+    check_same_device(*noise, "noise", sample, "sample");
+    check_dtype(*noise, "noise", sample.scalar_type());
+    STD_TORCH_CHECK(same_sizes(*noise, sample) && same_strides(*noise, sample),
+                    "diffkern: noise must have sample's shape and layout");
+  }
+  const bool rescaled = guided && guidance_rescale != 0.0;
+
+  FlowScalars s{};
+  s.sigma = static_cast<const float*>(sigma.const_data_ptr());
+  s.sigma_numel = sigma.numel();
+  s.sigma_next = static_cast<const float*>(sigma_next.const_data_ptr());
+  s.sigma_next_numel = sigma_next.numel();
+  s.guidance_scale = guided ? static_cast<float>(*guidance_scale) : 0.0f;
+  s.rescale = static_cast<float>(guidance_rescale);
+  s.keep = static_cast<float>(keep);
+  Tensor factor = empty_float(sample, {0});
+
+  auto full_step = [&](auto* prev, auto* x0, int64_t n, int64_t mo_n, cudaStream_t stream) {
+    using T = std::remove_pointer_t<decltype(prev)>;
+    if (rescaled) {
+      factor = rescale_factor(model_output, sample, batch, n, s.guidance_scale, stream);
+      s.factor = static_cast<const float*>(factor.const_data_ptr());
+    }
+    auto run = [&](auto guided_c, auto stochastic_c, auto rescale_c) {
+      using Op = FlowStepOp<decltype(guided_c)::value, decltype(stochastic_c)::value, decltype(rescale_c)::value>;
+      launch_step("flow_match_step", Op{{}, s}, InStreams<T, Op::kIn>{}, model_output, sample, noise, prev, x0, n,
+                  mo_n, batch, stream);
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+    if (rescaled) {
+      stochastic ? run(True{}, True{}, True{}) : run(True{}, False{}, True{});
+    } else if (guided) {
+      stochastic ? run(True{}, True{}, False{}) : run(True{}, False{}, False{});
+    } else {
+      stochastic ? run(False{}, True{}, False{}) : run(False{}, False{}, False{});
+    }
+  };
+  // run_step's x0 pass (dynamic thresholding) is not used here: x0_only is false.
+  return run_step("flow_match_step", StepScalars{}, model_output, sample, batch, guided, false, full_step);
+}
+
+Tensor flow_add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const Tensor& sigma) {
+  check_cuda_tensor(original_samples, "original_samples");
+  check_sample_dtype(original_samples, "original_samples");
+  STD_TORCH_CHECK(original_samples.dim() >= 1, "diffkern: original_samples must have a batch dimension");
+  check_same_device(noise, "noise", original_samples, "original_samples");
+  check_dtype(noise, "noise", original_samples.scalar_type());
+  STD_TORCH_CHECK(same_sizes(noise, original_samples), "diffkern: noise must have original_samples' shape");
+  STD_TORCH_CHECK(is_batch_outer_dense(original_samples) && same_strides(noise, original_samples),
+                  "diffkern: original_samples and noise must be laid out alike, dense with the batch outermost");
+  const int64_t batch = original_samples.size(0);
+  check_sigma(sigma, "sigma", original_samples, batch);
+
+  Tensor out = empty_strided_like(original_samples, original_samples.scalar_type());
+  if (original_samples.numel() == 0) return out;
+  const int64_t n = original_samples.numel() / batch;
+  const DeviceGuard guard(original_samples.get_device_index());
+  const cudaStream_t stream = current_stream(original_samples.get_device_index());
+  const FlowAddNoiseOp op{static_cast<const float*>(sigma.const_data_ptr()), sigma.numel()};
+  dispatch_float_types(original_samples.scalar_type(), "flow_add_noise", [&](auto tag) {
+    using T = decltype(tag);
+    InStreams<T, 2> in{{static_cast<const T*>(original_samples.const_data_ptr()),
+                        static_cast<const T*>(noise.const_data_ptr())},
+                       {n, n}};
+    OutStreams<T, 1> o{{static_cast<T*>(out.mutable_data_ptr())}, {n}};
+    launch_sample_map("flow_add_noise", in, o, n, batch, op, stream);
+  });
+  return out;
+}
+
+}  // namespace diffkern
+
+STABLE_TORCH_LIBRARY_IMPL(diffkern, DIFFKERN_DISPATCH_KEY, m) {
+  m.impl("flow_match_step_cuda", TORCH_BOX(&diffkern::flow_match_step_cuda));
+  m.impl("flow_add_noise_cuda", TORCH_BOX(&diffkern::flow_add_noise_cuda));
+}
