@@ -152,6 +152,7 @@ PYTEST_TIMEOUT_S = 180  # per test, where pytest-timeout is installed (the image
 BENCH_STEP_SETS = ("sd15-b1", "sdxl-b1", "probe-32M")
 BENCH_GN_SETS = ("unet-c320-64-n1", "unet-c1280-8-n1", "unet-c640-32-n8", "vae-c128-512-n1")
 BENCH_EXTRA_DTYPE_SETS = ("probe-32M", "vae-c128-512-n1")
+HOST_LATENCY_S = 15   # the eager-latency table at the end of the bench stage (6 groups of 3-4 timings)
 BENCH_COMPILE_SHARE = 0.3   # of the bench cap, at most, for torch.compile baselines (compilation included)
 BENCH_MARGIN_S = 8.0        # no new case starts closer than this to the cap
 
@@ -814,6 +815,17 @@ def stage_bench(ctx: Context, cap_s: float) -> int:
     if any(r.status in ("error", "mismatch") for r in ordered):
         status = 1
     print(f"bench: {len(ordered)} results, torch.compile {compile_spent:.0f} s of {compile_budget:.0f} s")
+    if not ctx.dry_run and time.monotonic() - start < cap_s - BENCH_MARGIN_S - HOST_LATENCY_S:
+        # The eager latency per call at SD 1.5 / SDXL latents (``python -m diffkern bench --host``'s GPU part),
+        # appended to bench.md: no extra output file.
+        from diffkern import host_bench
+
+        latency = host_bench._measure_groups(host_bench._gpu_cases(device), synchronize=True)
+        table = host_bench.format_results(latency, f"eager latency per call on {document['device'].get('name')} "
+                                                   "(µs, median; `python -m diffkern bench --host`)")
+        print(table)
+        with open(ctx.out / "bench.md", "a") as f:
+            f.write("\n```\n" + table + "\n```\n")
     return status
 
 

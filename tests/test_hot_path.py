@@ -182,3 +182,14 @@ def test_host_bench_reports_every_op_and_the_targets(capsys):
     assert any("host / torch.add" in what for what, *_ in checks)
     print(host_bench.format_checks(checks))
     assert "targets" in capsys.readouterr().out
+
+
+def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
+    """The GPU part of ``bench --host`` only runs on a GPU; its cases (diffusers' guidance + step, the eager
+    formula) are checked here on CPU tensors, where no diffkern GPU backend is available."""
+    cases = host_bench._gpu_cases(torch.device("cpu"))
+    assert len(cases) == 6
+    for entries in cases.values():
+        assert "eager PyTorch" in entries and not any(name.startswith("diffkern") for name in entries)
+        for fn in entries.values():
+            fn()
