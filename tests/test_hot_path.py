@@ -193,3 +193,23 @@ def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
         assert "eager PyTorch" in entries and not any(name.startswith("diffkern") for name in entries)
         for fn in entries.values():
             fn()
+
+
+def test_a_host_timestep_reaches_the_reference_as_a_python_int(monkeypatch):
+    """No fill kernel for a host timestep: the reference takes it as a number (the Triton and CUDA kernels
+    still read timesteps from memory, see ``_common.SCALAR_TIMESTEP_BACKENDS``)."""
+    x, eps = _inputs()
+    seen = []
+    reference = ddim_module.ddim_step_reference
+
+    def spy(model_output, sample, noise, table, timestep, prev_timestep, **options):
+        seen.append((timestep, prev_timestep))
+        return reference(model_output, sample, noise, table, timestep, prev_timestep, **options)
+
+    ddim_module._PLANS.clear()
+    monkeypatch.setattr(backends, "eager_implementation", lambda backend, name: spy)
+    expected = _ddim(eps, x, timestep=torch.tensor([500, 500]), prev_timestep=torch.tensor([-1, -1]))
+    got = _ddim(eps, x, timestep=torch.tensor(500), prev_timestep=-1)
+    assert [type(t) for pair in seen for t in pair] == [torch.Tensor, torch.Tensor, int, int]
+    assert torch.equal(expected.prev_sample, got.prev_sample)
+    ddim_module._PLANS.clear()

@@ -24,9 +24,11 @@ import inspect
 import itertools
 import math
 import numbers
+import struct
 import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -250,20 +252,228 @@ def same_layout(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[tor
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def gather_abar(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """abar at ``timesteps`` (indices clamped into the table), float32 ``[1 or B]``."""
+def gather_abar(table: torch.Tensor, timesteps: "TimestepLike") -> torch.Tensor:
+    """abar at ``timesteps`` (indices clamped into the table), ``[1 or B]`` in the table's dtype; a python int
+    gives the one-element view ``table[t:t + 1]`` (no sync, no kernel)."""
+    if isinstance(timesteps, int):
+        t = min(max(timesteps, 0), table.numel() - 1)
+        return table[t:t + 1]
     return table[timesteps.clamp(0, table.numel() - 1)]
 
 
-def gather_abar_prev(table: torch.Tensor, prev_timesteps: torch.Tensor, final_alpha_cumprod: float) -> torch.Tensor:
+def gather_abar_prev(table: torch.Tensor, prev_timesteps: "TimestepLike", final_alpha_cumprod: float) -> torch.Tensor:
     """abar at the previous timesteps; a negative index means "past the first step": ``final_alpha_cumprod``."""
+    if isinstance(prev_timesteps, int):
+        if prev_timesteps < 0:
+            return torch.full((1,), final_alpha_cumprod, dtype=table.dtype, device=table.device)
+        return gather_abar(table, prev_timesteps)
     inside = table[prev_timesteps.clamp(0, table.numel() - 1)]
     return torch.where(prev_timesteps >= 0, inside, torch.full_like(inside, final_alpha_cumprod))
 
 
-def per_sample(coef: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``[1 or B]`` -> ``[1 or B, 1, ...]`` to broadcast against ``ndim``-dimensional samples."""
+def per_sample(coef, ndim: int):
+    """``[1 or B]`` -> ``[1 or B, 1, ...]`` to broadcast against ``ndim``-dimensional samples; a 0-d tensor or a
+    number broadcasts as it is."""
+    if not isinstance(coef, torch.Tensor) or coef.ndim == 0:
+        return coef
     return coef.reshape(coef.shape[0], *([1] * (ndim - 1)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step coefficients (the references). A timestep shared by the batch whose value is on the host (a python int,
+# or a one-element CPU tensor outside tracing) with a CPU table gives host coefficients: python numbers computed
+# once per call, each operation giving exactly what the same operation on 0-d tensors of the compute dtype
+# gives (``HostFloat``), so that the tensor ops then see the fp32 values diffusers' 0-d tensor arithmetic
+# produces, bit for bit. Otherwise the coefficients are tensors: the 0-d view ``table[t]`` of a device table at
+# a python int (no sync, no kernel), or the per-sample gather ``[1 or B, 1, ...]``. The formulas are written
+# once: ``HostFloat`` has the operators (and ``clamp``/``log``/``exp``) they use, as tensors do, and a mix of
+# the two computes with tensors.
+#
+# +, -, * and / are IEEE operations in torch's CPU kernels, so python's float64 result rounded to float32 is
+# torch's float32 result. sqrt, log and exp are not: torch's CPU sqrt (MKL's, in the x86 builds) is not the
+# correctly rounded one (about 20% of fp32 square roots, and 1.5% in fp64, round the other way), so host
+# numbers take their square roots, logarithms and exponentials from torch itself, on a small CPU tensor
+# (``sqrts`` batches the square roots a step needs into one call).
+
+_FLOAT32 = struct.Struct("f")
+
+
+def round_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even; +-inf past the largest float32), as a cast to
+    float32 rounds it. The float32 result of +, -, *, / or sqrt of float32 operands is the float64 result so
+    rounded: float64 carries more than twice float32's precision plus two bits, so rounding twice never
+    differs from rounding once."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _divide(a: float, b: float) -> float:
+    """a / b with IEEE results where python raises: +-inf for x / 0, NaN for 0 / 0."""
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a != a or a == 0:
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+class HostFloat(float):
+    """A coefficient computed on the host: a number of the compute dtype (``HostFloat32``, ``HostFloat64``) whose
+    arithmetic gives exactly what the same arithmetic on 0-d tensors of that dtype gives: each result rounded to
+    the dtype, a python number operand first converted to it (as torch converts a scalar), IEEE results where
+    python would raise (x / 0, sqrt of a negative). With a tensor operand it returns ``NotImplemented``: the
+    tensor computes, with this number as a python scalar (exact in the tensor's dtype), and the result is a
+    tensor. ``log``/``exp`` run torch's own fp32 (fp64) functions on a 0-d CPU tensor."""
+
+    __slots__ = ()
+    dtype: torch.dtype = torch.float64
+
+    @staticmethod
+    def _round(value: float) -> float:
+        return value
+
+    @classmethod
+    def of(cls, value) -> "HostFloat":
+        return cls(cls._round(float(value)))
+
+    def _operand(self, other) -> Optional[float]:
+        if isinstance(other, (float, int)) and not isinstance(other, bool):
+            return self._round(float(other))
+        return None
+
+    def _new(self, value: float) -> "HostFloat":
+        return type(self)(self._round(value))
+
+    def __add__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(float.__add__(self, o))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(float.__sub__(self, o))
+
+    def __rsub__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(o - float(self))
+
+    def __mul__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(float.__mul__(self, o))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(_divide(float(self), o))
+
+    def __rtruediv__(self, other):
+        o = self._operand(other)
+        return NotImplemented if o is None else self._new(_divide(o, float(self)))
+
+    def __neg__(self):
+        return type(self)(-float(self))
+
+    def __pow__(self, exponent):
+        if exponent == 2:  # torch's pow computes x * x (and x ** 0.5 as sqrt)
+            return self * self
+        return self._torch(lambda t: t.pow_(exponent))
+
+    def sqrt(self) -> "HostFloat":
+        return self._torch(torch.Tensor.sqrt_)
+
+    def clamp(self, min=None, max=None) -> "HostFloat":
+        """As ``torch.clamp``: NaN stays NaN, and the upper bound wins where the bounds cross."""
+        v = float(self)
+        if v != v:
+            return self
+        if min is not None and v < self._round(float(min)):
+            v = self._round(float(min))
+        if max is not None and v > self._round(float(max)):
+            v = self._round(float(max))
+        return type(self)(v)
+
+    def log(self) -> "HostFloat":
+        return self._torch(torch.Tensor.log_)
+
+    def exp(self) -> "HostFloat":
+        return self._torch(torch.Tensor.exp_)
+
+    def _torch(self, fn) -> "HostFloat":
+        return type(self)(_host_torch(fn, (self,), self.dtype)[0])
+
+
+def _host_torch(fn, values, dtype: torch.dtype) -> list:
+    """``fn`` (an in-place torch function) of the host numbers ``values`` as python floats, computed by torch on
+    a CPU tensor of ``dtype`` (made through numpy: the cheapest way there)."""
+    return fn(torch.from_numpy(numpy.array(values, dtype=_NUMPY_DTYPES[dtype]))).tolist()
+
+
+def sqrts(*values) -> tuple:
+    """The square roots of step coefficients, as ``v ** 0.5``: host numbers of one dtype in a single torch call
+    (see above), tensors (or a mix) one by one."""
+    first = values[0]
+    if isinstance(first, HostFloat) and all(type(v) is type(first) for v in values):
+        return tuple(map(type(first), _host_torch(torch.Tensor.sqrt_, values, first.dtype)))
+    return tuple(v ** 0.5 for v in values)
+
+
+
+_NUMPY_DTYPES = {torch.float32: numpy.float32, torch.float64: numpy.float64}
+
+
+class HostFloat32(HostFloat):
+    __slots__ = ()
+    dtype = torch.float32
+    _round = staticmethod(round_float32)
+
+
+class HostFloat64(HostFloat):
+    __slots__ = ()
+
+
+def host_timestep(timesteps) -> Optional[int]:
+    """The timestep shared by the whole batch as a python int, when its value is on the host: a python int, or
+    a one-element CPU tensor read outside tracing (a plain tensor: no fake, functional or functorch-wrapped
+    one); else None (a device tensor is never read: that would sync)."""
+    if isinstance(timesteps, int):
+        return timesteps
+    if type(timesteps) is torch.Tensor and timesteps.device.type == "cpu" and timesteps.numel() == 1 \
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(timesteps):
+        return int(timesteps)
+    return None
+
+
+def _host_readable(table: torch.Tensor) -> bool:
+    return type(table) is torch.Tensor and table.device.type == "cpu" \
+        and not torch._C._functorch.is_functorch_wrapped_tensor(table)
+
+
+def step_abar(table: torch.Tensor, timesteps: "TimestepLike", dtype: torch.dtype, ndim: int,
+              final_alpha_cumprod: Optional[float] = None):
+    """abar at ``timesteps`` as a step coefficient of the compute ``dtype`` (float32 or float64; see above): a
+    ``HostFloat`` for a host timestep and a CPU table; the 0-d view ``table[t]`` for a host timestep and a device
+    table; else the gather, ``[1 or B, 1, ...]`` against ``ndim``-dimensional samples. Indices are clamped into
+    the table. With ``final_alpha_cumprod`` (a previous timestep) a negative index means that value instead (a
+    ``HostFloat``, rounded to the table's dtype first as a fill of the table's dtype would be)."""
+    t = host_timestep(timesteps)
+    if t is not None:
+        host = HostFloat64 if dtype == torch.float64 else HostFloat32
+        if final_alpha_cumprod is not None and t < 0:
+            final = round_float32(final_alpha_cumprod) if table.dtype == torch.float32 else final_alpha_cumprod
+            return host.of(final)
+        t = min(max(t, 0), table.numel() - 1)
+        if _host_readable(table):
+            return host.of(table[t].item())
+        return table[t].to(dtype)
+    if final_alpha_cumprod is None:
+        coef = gather_abar(table, timesteps)
+    else:
+        coef = gather_abar_prev(table, timesteps, final_alpha_cumprod)
+    return per_sample(coef, ndim).to(dtype)
 
 
 def apply_guidance(model_output: torch.Tensor, batch: int, guidance_scale: Optional[float],
@@ -281,21 +491,22 @@ def apply_guidance(model_output: torch.Tensor, batch: int, guidance_scale: Optio
     return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
-def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: torch.Tensor,
-                   abar: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) from the model output, in diffusers' operation order (abar broadcast per sample)."""
-    beta = 1 - abar
+def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: torch.Tensor, abar, *,
+                   roots: Optional[tuple] = None, need_eps: bool = True,
+                   copy_sample: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x0, eps) from the model output, in diffusers' operation order; ``abar`` a step coefficient (a number, a
+    0-d or a per-sample tensor, see ``step_abar``), ``roots`` its ``(abar ** 0.5, (1 - abar) ** 0.5)`` when the
+    caller has them (``sqrts``). eps is None unless ``need_eps`` (or it is the model output). Sample prediction
+    returns a copy of the model output as x0 (a custom op's outputs may not alias its inputs), or, with
+    ``copy_sample=False``, the model output itself (the caller copies it where it must)."""
+    sqrt_abar, sqrt_beta = roots if roots is not None else sqrts(abar, 1 - abar)
     if prediction_type == "epsilon":
-        x0 = (sample - beta ** 0.5 * model_output) / abar ** 0.5
-        eps = model_output
-    elif prediction_type == "sample":
-        # A copy: x0 is returned by the op, and a custom op's outputs may not alias its inputs.
-        x0 = model_output.clone()
-        eps = (sample - abar ** 0.5 * x0) / beta ** 0.5
-    else:  # v_prediction
-        x0 = abar ** 0.5 * sample - beta ** 0.5 * model_output
-        eps = abar ** 0.5 * model_output + beta ** 0.5 * sample
-    return x0, eps
+        return (sample - sqrt_beta * model_output) / sqrt_abar, model_output
+    if prediction_type == "sample":
+        x0 = model_output.clone() if copy_sample else model_output
+        return x0, ((sample - sqrt_abar * x0) / sqrt_beta if need_eps else None)
+    x0 = sqrt_abar * sample - sqrt_beta * model_output  # v_prediction
+    return x0, (sqrt_abar * model_output + sqrt_beta * sample if need_eps else None)
 
 
 def threshold_scale_from_abs(abs_x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
@@ -540,10 +751,17 @@ def eager_direct(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
-def kernel_timesteps(timesteps: TimestepLike, device: torch.device) -> TimestepLike:
-    """What the backends take: a python int, or an int64 ``[1 or B]`` tensor (a view when already so)."""
+# The backends whose implementations take a host timestep as a python int. The Triton and CUDA kernels still read
+# timesteps from memory: for them a python int becomes a one-element tensor (a fill kernel; no sync).
+SCALAR_TIMESTEP_BACKENDS = ("reference",)
+
+
+def kernel_timesteps(timesteps: TimestepLike, device: torch.device, backend: str) -> TimestepLike:
+    """What ``backend``'s implementation takes: a python int (``SCALAR_TIMESTEP_BACKENDS``) or an int64
+    ``[1 or B]`` tensor on ``device`` (a view when already so)."""
     if type(timesteps) is int:
-        # TRANSITIONAL: until every backend takes python ints (in progress), a one-element tensor.
+        if backend in SCALAR_TIMESTEP_BACKENDS:
+            return timesteps
         return torch.full((1,), timesteps, dtype=torch.int64, device=device)
     return timesteps.reshape(-1).to(torch.int64)
 

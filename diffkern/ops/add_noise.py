@@ -31,8 +31,10 @@ def add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor, alp
     """Backend contract (see ``_common``): samples ``[B, ...]`` laid out alike, table float32 ``[T]``,
     timesteps int64 ``[1 or B]``, all on one device. Returns x_t in the samples' dtype and layout."""
     compute = torch.promote_types(original_samples.dtype, torch.float32)
-    abar = C.per_sample(C.gather_abar(alphas_cumprod, timesteps), original_samples.ndim).to(compute)
-    noisy = abar ** 0.5 * original_samples.to(compute) + (1 - abar) ** 0.5 * noise.to(compute)
+    # A host number for a host timestep and a CPU table, else a tensor (see ``C.step_abar``).
+    abar = C.step_abar(alphas_cumprod, timesteps, compute, original_samples.ndim)
+    sqrt_abar, sqrt_beta = C.sqrts(abar, 1 - abar)
+    noisy = sqrt_abar * original_samples.to(compute) + sqrt_beta * noise.to(compute)
     return noisy.to(original_samples.dtype)
 
 
@@ -98,7 +100,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     x0, eps = C.same_layout([original_samples, noise]) if plan.relayout else (original_samples, noise)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, x0)
     if C.eager_direct(x0, eps):
-        return plan.implementation(x0, eps, table, C.kernel_timesteps(timesteps, x0.device))
+        return plan.implementation(x0, eps, table, C.kernel_timesteps(timesteps, x0.device, plan.backend))
     return _add_noise_op(x0, eps, table, C.prepare_timesteps(timesteps, x0.device), plan.backend)
 
 

@@ -63,25 +63,30 @@ def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
                         sample_max_value: float, use_clipped_model_output: bool,
                         guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see ``_common``): ``model_output`` ``[B or 2B, ...]``, ``sample`` ``[B, ...]``,
-    ``noise`` like ``sample`` when eta > 0 (else None or ignored), timesteps int64 ``[1 or B]``.
+    ``noise`` like ``sample`` when eta > 0 (else None or ignored), timesteps python ints or int64 ``[1 or B]``.
     Arithmetic in fp32 (fp64 for fp64 input); returns (prev_sample, pred_original_sample) in the sample's
     dtype and layout."""
     compute = torch.promote_types(sample.dtype, torch.float32)
     batch, ndim = sample.shape[0], sample.ndim
     x = sample.to(compute)
     model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale)
-    a = C.per_sample(C.gather_abar(alphas_cumprod, timestep), ndim).to(compute)
-    a_prev = C.per_sample(C.gather_abar_prev(alphas_cumprod, prev_timestep, final_alpha_cumprod), ndim).to(compute)
-    x0, eps = C.predict_x0_eps(prediction_type, x, model_out, a)
+    # The coefficients: host numbers for a host timestep and a CPU table, else tensors (``C.step_abar``).
+    a = C.step_abar(alphas_cumprod, timestep, compute, ndim)
+    a_prev = C.step_abar(alphas_cumprod, prev_timestep, compute, ndim, final_alpha_cumprod)
+    beta = 1 - a
+    variance = ((1 - a_prev) / beta) * (1 - a / a_prev)
+    sqrt_a, sqrt_beta, sqrt_a_prev, sqrt_variance = C.sqrts(a, beta, a_prev, variance)
+    x0, eps = C.predict_x0_eps(prediction_type, x, model_out, a, roots=(sqrt_a, sqrt_beta),
+                               need_eps=not use_clipped_model_output, copy_sample=False)
     x0 = C.clip_or_threshold(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                              sample_max_value=sample_max_value)
-    beta = 1 - a
-    variance = ((1 - a_prev) / beta) * (1 - a / a_prev)
-    std = eta * variance ** 0.5
+    if x0 is model_output:  # sample prediction passed through: the op's outputs may not alias its inputs
+        x0 = x0.clone()
+    std = eta * sqrt_variance
     if use_clipped_model_output:
-        eps = (x - a ** 0.5 * x0) / beta ** 0.5
-    prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+        eps = (x - sqrt_a * x0) / sqrt_beta
+    prev = sqrt_a_prev * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
     if eta > 0:
         prev = prev + std * noise.to(compute)
     return prev.to(sample.dtype), x0.to(sample.dtype)
@@ -166,8 +171,9 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if C.eager_direct(model_output, sample, noise):
         device = sample.device
-        prev, x0 = plan.implementation(model_output, sample, noise, table, C.kernel_timesteps(timestep, device),
-                                       C.kernel_timesteps(prev_timestep, device), **plan.options)
+        t = C.kernel_timesteps(timestep, device, plan.backend)
+        prev_t = C.kernel_timesteps(prev_timestep, device, plan.backend)
+        prev, x0 = plan.implementation(model_output, sample, noise, table, t, prev_t, **plan.options)
     else:
         device = sample.device
         prev, x0 = _ddim_step_op(model_output, sample, noise, table, C.prepare_timesteps(timestep, device),

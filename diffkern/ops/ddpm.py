@@ -44,18 +44,19 @@ DECLARATION = OpDeclaration.single_entry(
 
 def ddpm_std(variance_type: str, posterior_variance: torch.Tensor, beta: torch.Tensor,
              predicted_variance: Optional[torch.Tensor]) -> torch.Tensor:
-    """The noise scale of each variance type (see the module docstring)."""
+    """The noise scale of each variance type (see the module docstring); the coefficients are step coefficients
+    (host numbers or tensors, see ``_common.step_abar``), ``predicted_variance`` a tensor."""
     v = posterior_variance.clamp(min=1e-20)
     if variance_type == "fixed_small":
         return v ** 0.5
     if variance_type == "fixed_small_log":
-        return torch.exp(0.5 * torch.log(v))
+        return (0.5 * v.log()).exp()
     if variance_type in ("fixed_large", "fixed_large_log"):
         return beta ** 0.5
     if variance_type == "learned":
         return predicted_variance ** 0.5
     frac = (predicted_variance + 1) / 2
-    return torch.exp(0.5 * (frac * torch.log(beta) + (1 - frac) * torch.log(v)))
+    return (0.5 * (frac * beta.log() + (1 - frac) * v.log())).exp()
 
 
 def ddpm_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
@@ -71,23 +72,32 @@ def ddpm_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
     batch, channels, ndim = sample.shape[0], sample.shape[1], sample.ndim
     x = sample.to(compute)
     model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, channels)
+    fresh = model_out is not model_output  # not the caller's tensor
     predicted_variance = None
     if variance_type in LEARNED_VARIANCE_TYPES:
         model_out, predicted_variance = model_out[:, :channels], model_out[:, channels:]
-    a = C.per_sample(C.gather_abar(alphas_cumprod, timestep), ndim).to(compute)
-    a_prev = C.per_sample(C.gather_abar_prev(alphas_cumprod, prev_timestep, 1.0), ndim).to(compute)
+    # The coefficients: host numbers for a host timestep and a CPU table, else tensors (``C.step_abar``).
+    a = C.step_abar(alphas_cumprod, timestep, compute, ndim)
+    a_prev = C.step_abar(alphas_cumprod, prev_timestep, compute, ndim, 1.0)
     alpha = a / a_prev
     beta = 1 - alpha
-    x0, _ = C.predict_x0_eps(prediction_type, x, model_out, a)
+    sqrt_a, sqrt_beta_prod, sqrt_a_prev, sqrt_alpha = C.sqrts(a, 1 - a, a_prev, alpha)
+    x0, _ = C.predict_x0_eps(prediction_type, x, model_out, a, roots=(sqrt_a, sqrt_beta_prod), need_eps=False,
+                             copy_sample=False)
     x0 = C.clip_or_threshold(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                              sample_max_value=sample_max_value)
-    x0_coef = (a_prev ** 0.5 * beta) / (1 - a)
-    x_coef = alpha ** 0.5 * (1 - a_prev) / (1 - a)
+    if x0 is model_out and (not fresh or predicted_variance is not None):
+        # Sample prediction passed through: the op's outputs may not alias its inputs (nor be a channel slice).
+        x0 = x0.clone()
+    x0_coef = (sqrt_a_prev * beta) / (1 - a)
+    x_coef = sqrt_alpha * (1 - a_prev) / (1 - a)
     prev = x0_coef * x0 + x_coef * x
-    if noise is not None:
+    t = C.host_timestep(timestep)
+    if noise is not None and t != 0:  # a host t = 0 adds no noise; else samples at t = 0 get std 0
         std = ddpm_std(variance_type, (1 - a_prev) / (1 - a) * beta, beta, predicted_variance)
-        std = torch.where(C.per_sample(timestep, ndim) > 0, std, torch.zeros_like(std))
+        if t is None:
+            std = torch.where(C.per_sample(timestep, ndim) > 0, std, torch.zeros_like(std))
         prev = prev + std * noise.to(compute)
     return prev.to(sample.dtype), x0.to(sample.dtype)
 
@@ -170,8 +180,9 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
             else C.same_layout(tensors)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if C.eager_direct(model_output, sample, noise):
-        t = C.kernel_timesteps(timestep, sample.device)
-        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep, sample.device)
+        device = sample.device
+        t = C.kernel_timesteps(timestep, device, plan.backend)
+        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep, device, plan.backend)
         prev, x0 = plan.implementation(model_output, sample, noise, table, t, prev_t, **plan.options)
     else:
         t = C.prepare_timesteps(timestep, sample.device)
