@@ -150,23 +150,32 @@ __global__ void __launch_bounds__(kStatsThreads)
       const int64_t end = begin + kStatsChunk < n ? begin + kStatsChunk : n;
       Moments mc{0.0f, 0.0f, 0.0f};
       Moments mv{0.0f, 0.0f, 0.0f};
-      int64_t scalar_begin = begin;
-      if (aligned16(uncond + begin) && aligned16(cond + begin)) {
-        const int64_t vectors = (end - begin) / W;
-        for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
-          float u[W];
-          float c[W];
-          float v[W];
-          load_vec<T>(uncond + begin + j * W, u);
-          load_vec<T>(cond + begin + j * W, c);
+      // Units of W consecutive elements, loaded as one 16-byte vector where both halves align and element by
+      // element otherwise: the merge order is the same either way, so a sample's factor does not depend on where
+      // it sits in memory (a batch equals its samples stepped alone, bit for bit).
+      const bool vec = aligned16(uncond + begin) && aligned16(cond + begin);
+      const int64_t units = (end - begin) / W;
+      for (int64_t j = threadIdx.x; j < units; j += blockDim.x) {
+        const int64_t i = begin + j * W;
+        float u[W];
+        float c[W];
+        if (vec) {
+          load_vec<T>(uncond + i, u);
+          load_vec<T>(cond + i, c);
+        } else {
 #pragma unroll
-          for (int e = 0; e < W; ++e) v[e] = u[e] + guidance_scale * (c[e] - u[e]);
-          mc = merge_moments(mc, vector_moments<W>(c));
-          mv = merge_moments(mv, vector_moments<W>(v));
+          for (int e = 0; e < W; ++e) {
+            u[e] = load_scalar(uncond + i + e);
+            c[e] = load_scalar(cond + i + e);
+          }
         }
-        scalar_begin = begin + vectors * W;
+        float v[W];
+#pragma unroll
+        for (int e = 0; e < W; ++e) v[e] = u[e] + guidance_scale * (c[e] - u[e]);
+        mc = merge_moments(mc, vector_moments<W>(c));
+        mv = merge_moments(mv, vector_moments<W>(v));
       }
-      for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
+      for (int64_t i = begin + units * W + threadIdx.x; i < end; i += blockDim.x) {
         const float u = load_scalar(uncond + i);
         const float c = load_scalar(cond + i);
         mc = merge_moments(mc, Moments{1.0f, c, 0.0f});
