@@ -5,7 +5,7 @@ as it does for ``conftest``).
 ``lay_out`` handle memory layouts; ``ddpm_model_output`` builds DDPM model outputs with a predicted variance;
 ``group_norm_silu_param_grad_sums`` gives float64 dweight/dbias of GroupNorm+SiLU with the size of their
 terms, for ``diffkern.testing.assert_close_sum``; ``check_large_mean_forward`` checks statistics that must not
-cancel.
+cancel; ``check_first_and_last_groups`` checks a GroupNorm too large to run the reference on whole.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from diffkern import backends
+from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 from diffkern.testing import assert_close, assert_close_sum
 
 
@@ -49,6 +50,20 @@ def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "misaligned":
         return misaligned(t)
     return t.contiguous()
+
+
+def step_tensors(shape, dtype, options, randn, layout: str = "contiguous"):
+    """(model_output, sample, options) for a step op: the model output ``[B or 2B, ...]`` (2B when
+    ``options["guidance_scale"]`` is set), the sample (scale 1.5), both in ``layout``; ``options`` copied, with
+    ``noise=True`` replaced by a noise tensor like the sample. ``randn(*shape, dtype=..., scale=...)`` draws."""
+    options = dict(options)
+    batch = shape[0]
+    guided = options.get("guidance_scale") is not None
+    model_output = lay_out(randn(2 * batch if guided else batch, *shape[1:], dtype=dtype), layout)
+    sample = lay_out(randn(*shape, dtype=dtype, scale=1.5), layout)
+    if options.pop("noise", False):
+        options["noise"] = lay_out(randn(*shape, dtype=dtype), layout)
+    return model_output, sample, options
 
 
 def abar64(table: torch.Tensor, t: int, final: float = 1.0) -> float:
@@ -150,3 +165,21 @@ def check_large_mean_forward(x3: torch.Tensor, num_groups: int, eps: float, y: t
     if bias is not None:
         xhat = xhat + bias.double()[None, :, None]
     assert_close(y, torch.nn.functional.silu(xhat), msg="y")
+
+
+def check_first_and_last_groups(x3: torch.Tensor, dy3: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor, dx: torch.Tensor, num_groups: int, eps: float) -> None:
+    """GroupNorm+SiLU without affine parameters on ``(N, C, S)`` views with one channel per group (C = G), too
+    large for the reference on the whole tensor: the first group of the first sample and the last group of the
+    last sample (statistics, y, and dx at the kernel's statistics) against the reference run on each alone."""
+    assert x3.shape[1] == num_groups, "one channel per group"
+    last = x3.shape[0] - 1
+    for n, g in ((0, 0), (last, num_groups - 1)):
+        rows, cols = slice(n, n + 1), slice(g, g + 1)
+        xs, dys = x3[rows, cols].contiguous(), dy3[rows, cols].contiguous()
+        ys, means, rstds = group_norm_silu_forward_reference(xs, None, None, 1, eps)
+        assert_close(mean[n, g], means[0, 0], msg=f"mean of sample {n}, group {g}")
+        assert_close(rstd[n, g], rstds[0, 0], msg=f"rstd of sample {n}, group {g}")
+        assert_close(y[rows, cols], ys, msg=f"y of sample {n}, group {g}")
+        dxs, _, _ = group_norm_silu_backward_reference(dys, xs, None, None, mean[rows, cols], rstd[rows, cols], 1)
+        assert_close(dx[rows, cols], dxs, msg=f"dx of sample {n}, group {g}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import diffkern
-from _helpers import LAYOUTS, abar64, lay_out, run_both
+from _helpers import LAYOUTS, abar64, run_both, step_tensors
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.testing import assert_close
@@ -59,13 +59,8 @@ if ON_GPU:  # the full product of the options, where kernels run at full speed
 
 def ddim_inputs(shape, dtype, options, randn, gen, device, *, per_sample=True, layout="contiguous"):
     """(model_output, timestep, sample, kwargs) for ``ddim_step``; per-sample prev has a negative entry."""
-    options = dict(options)
+    model_output, sample, options = step_tensors(shape, dtype, options, randn, layout)
     batch = shape[0]
-    guided = options.get("guidance_scale") is not None
-    model_output = lay_out(randn(2 * batch if guided else batch, *shape[1:], dtype=dtype), layout)
-    sample = lay_out(randn(*shape, dtype=dtype, scale=1.5), layout)
-    if options.pop("noise", False):
-        options["noise"] = lay_out(randn(*shape, dtype=dtype), layout)
     if per_sample:
         timestep = torch.randint(1, NUM_TRAIN, (batch,), generator=gen).to(device)
         prev = timestep - torch.randint(1, 300, (batch,), generator=gen).to(device)
@@ -243,6 +238,47 @@ def test_layouts_match_reference(fast_backend, dtype, layout, table, randn, gen,
     if layout == "channels_last":
         assert prev.is_contiguous(memory_format=torch.channels_last)
         assert x0.is_contiguous(memory_format=torch.channels_last)
+
+
+# Host-timestep cases: (prev_timestep: "final" is -1, else an offset below t; the implementation's options).
+HOST_TIMESTEP_CASES = {
+    "final-step-thresholding": ("final", dict(thresholding=True, dynamic_thresholding_ratio=0.9,
+                                              sample_max_value=2.0, final_alpha_cumprod=0.9991)),
+    "guided-eta-noise": (40, dict(eta=1.0, guidance_scale=4.0)),
+    "v-clip-use_clipped": (120, dict(prediction_type="v_prediction", clip_sample=True, clip_sample_range=1.5,
+                                     use_clipped_model_output=True)),
+    "final-step-thresholding-guided-sample": ("final", dict(prediction_type="sample", thresholding=True,
+                                                            guidance_scale=3.0, eta=0.5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(HOST_TIMESTEP_CASES))
+def test_implementation_takes_python_int_timesteps(fast_backend, case, dtype, table, randn, gen, device):
+    """The backend contract: python-int timesteps (kernel arguments, no device tensors; a negative
+    prev_timestep means final_alpha_cumprod, in the step and in the thresholding pass) compute bit for bit what
+    the equivalent int64 [1] tensors compute."""
+    prev_spec, overrides = HOST_TIMESTEP_CASES[case]
+    options = dict(final_alpha_cumprod=1.0, eta=0.0, prediction_type="epsilon", clip_sample=False,
+                   clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                   use_clipped_model_output=False, guidance_scale=None)
+    options.update(overrides)
+    batch, shape = 3, (4, 6, 5)
+    guided = options["guidance_scale"] is not None
+    model_output = randn(2 * batch if guided else batch, *shape, dtype=dtype)
+    sample, noise = randn(batch, *shape, dtype=dtype), randn(batch, *shape, dtype=dtype)
+    t = int(torch.randint(200, NUM_TRAIN, (), generator=gen))
+    prev = -1 if prev_spec == "final" else t - prev_spec
+    implementation = backends.implementation(fast_backend, "ddim_step")
+    by_int = implementation(model_output, sample, noise, table, t, prev, **options)
+    by_tensor = implementation(model_output, sample, noise, table, torch.tensor([t], device=device),
+                               torch.tensor([prev], device=device), **options)
+    for ours, expected in zip(by_int, by_tensor):
+        assert torch.equal(ours, expected)
+    # One host and one tensor timestep mix too.
+    mixed = implementation(model_output, sample, noise, table, torch.tensor([t], device=device), prev, **options)
+    for ours, expected in zip(mixed, by_tensor):
+        assert torch.equal(ours, expected)
 
 
 def test_float64_runs_the_reference_math(fast_backend, table, randn, gen, device):

@@ -87,10 +87,7 @@ def _bad_calls(device):
     x = torch.randn(2, 3, 4, device=device)
 
     def call(**changes):
-        args = dict(original_samples=x, noise=x, sigma=0.5)
-        args.update(changes)
-        return lambda: diffkern.flow_add_noise(args.pop("original_samples"), args.pop("noise"), args.pop("sigma"),
-                                               **args)
+        return lambda: diffkern.flow_add_noise(**{**dict(original_samples=x, noise=x, sigma=0.5), **changes})
 
     return {
         "original_samples-type": (call(original_samples=3.0), TypeError, "original_samples"),
@@ -107,8 +104,9 @@ def _bad_calls(device):
 @pytest.mark.parametrize("case", list(_bad_calls("cpu")))
 def test_bad_input_names_the_argument(case, device):
     call, error, argument = _bad_calls(device)[case]
-    with pytest.raises(error, match=argument):
+    with pytest.raises(error) as raised:
         call()
+    assert argument in str(raised.value)
 
 
 # ------------------------------------------------------------------------------------------------- fast backends
