@@ -72,9 +72,10 @@ try:
     # SchedulerMixin is imported for diffusers' loader, not for this module: a saved pipeline records this module
     # as the fused scheduler's library, and ``DiffusionPipeline.from_pretrained`` looks the loadable base classes
     # (SchedulerMixin among them) up in that module to find the class's loading method.
-    from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin  # noqa: F401
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin  # noqa: F401
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("diffkern.integrations.diffusers needs the diffusers package: "
@@ -84,8 +85,10 @@ from diffkern import backends
 from diffkern.ops.add_noise import add_noise as _add_noise
 from diffkern.ops.ddim import ddim_step
 from diffkern.ops.ddpm import LEARNED_VARIANCE_TYPES, ddpm_step, may_have_positive_timestep
+from diffkern.ops.flow_add_noise import flow_add_noise
+from diffkern.ops.flow_match import flow_match_step
 
-__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler"]
+__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedFlowMatchEulerDiscreteScheduler"]
 
 Timestep = Union[int, torch.Tensor]
 GeneratorArg = Optional[Union[torch.Generator, list]]
@@ -126,7 +129,21 @@ def _signature_with_backend(parent: type) -> inspect.Signature:
     return sig.replace(parameters=params + [backend] + var_kw)
 
 
-class _FusedSchedulerMixin:
+class _BackendOption:
+    """The ``backend`` attribute of the fused schedulers (a constructor and ``from_config`` keyword, never part of
+    the config)."""
+
+    @property
+    def backend(self) -> str:
+        """``auto``, ``reference``, ``triton`` or ``cuda``: the implementation the fused methods run on."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = backends.check_backend_name(value)
+
+
+class _FusedSchedulerMixin(_BackendOption):
     """Per-device float32 abar tables, the ``backend`` attribute and the fused ``add_noise``."""
 
     def _init_fused(self, backend: str) -> None:
@@ -172,15 +189,6 @@ class _FusedSchedulerMixin:
         prev_sample, x0 = step(t.clamp(min=0))
         past_the_end = (t < 0).to(sample.device).reshape(-1, *([1] * (sample.ndim - 1)))
         return torch.where(past_the_end, sample, prev_sample), torch.where(past_the_end, sample, x0)
-
-    @property
-    def backend(self) -> str:
-        """``auto``, ``reference``, ``triton`` or ``cuda``: the implementation ``step``/``add_noise`` run on."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = backends.check_backend_name(value)
 
     def _abar(self, like: torch.Tensor) -> torch.Tensor:
         """``alphas_cumprod`` on ``like``'s device, in float32 (float64 for float64 samples, as the ops want),
@@ -356,3 +364,185 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         if not return_dict:
             return prev_sample, x0
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class FusedFlowMatchEulerDiscreteScheduler(_BackendOption, FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` (SD3, FLUX, Wan, LTX, ...) whose ``step`` and ``scale_noise`` run on
+    :func:`diffkern.flow_match_step` and :func:`diffkern.flow_add_noise`.
+
+    The parent's config (it round-trips through ``from_config``, ``save_config`` and ``from_pretrained``),
+    ``set_timesteps`` (shift, dynamic shifting with ``mu``, ``shift_terminal``, custom ``sigmas`` and ``timesteps``,
+    the Karras/exponential/beta conversions, ``invert_sigmas``), ``timesteps``, ``sigmas``, ``set_begin_index`` and
+    ``set_shift`` are the parent's; ``step`` and ``scale_noise`` keep its signatures and outputs.
+
+    No host syncs: diffusers finds the first step's index with ``(timesteps == t).nonzero()`` and ``.item()`` (a
+    sync whenever ``timesteps`` is on the device and the pipeline did not call ``set_begin_index``, as SD3's does
+    not), and ``scale_noise`` does so for every timestep. Here the search runs on the device (the second match
+    where there are several, as in diffusers), and ``step_index`` is a 0-d int64 tensor on the device of
+    ``sigmas`` that each step advances there; sigma and sigma_next are gathered from ``sigmas`` with it, so the
+    step never reads a device value and a whole loop runs without waiting for the device (and compiles with
+    ``fullgraph=True`` without a recompilation per step). ``int(scheduler.step_index)`` reads it (one sync).
+
+    Where it deliberately differs from diffusers 0.42:
+
+    - Half precision: arithmetic in float32 with one rounding; diffusers multiplies (sigma_next - sigma) by the
+      model output in the model output's dtype before adding it to the float32 sample. In float32 the results are
+      diffusers' bit for bit. float64 samples are computed in float64 (diffusers computes them in float32).
+    - The stochastic step's noise is drawn as diffusers draws it (a float32 normal of the sample's shape with
+      ``generator``) and then rounded to the sample's dtype (diffusers adds it in float32).
+    - ``model_output`` and ``sample`` of different dtypes are computed in the promoted dtype and returned in
+      ``model_output``'s, as diffusers returns them (the fused kernel needs one dtype: two casts more).
+    - A timestep that is not in ``timesteps`` raises diffusers' IndexError where both are on the host; with a device
+      schedule it is not looked for on the host: the loop starts at index 0.
+    - ``scale_noise`` computes sigma * noise + (1 - sigma) * x in float32 (diffusers first casts sigma to the
+      sample's dtype: in bfloat16 a sigma of 0.999 becomes 1), and also takes a python float or 0-d timestep.
+    - ``per_token_timesteps``: each token steps from its own sigma (timestep / N) to the largest scheduled sigma
+      below it, as in diffusers, whose branch takes the model output as the *negated* velocity: it computes
+      x + (sigma - sigma_next) * model_output, where the default branch computes x + (sigma_next - sigma) * v, and
+      both of its callers (``LTXConditionPipeline``, ``SanaWMPipeline``) pass ``-noise_pred``. The deterministic
+      per-token step is therefore right for its callers and is matched bit for bit. The stochastic one is not
+      right: diffusers takes x0 = x - sigma * model_output, which with the callers' negated velocity is
+      x + sigma * v (the default branch, given v, takes x - sigma * v). Here the per-token x0 is
+      x + sigma * model_output = x - sigma * v, consistently with the deterministic per-token step, so a stochastic
+      per-token step given -v equals the default stochastic step given v. As in diffusers, the per-token output is
+      float32.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    __init__.__signature__ = _signature_with_backend(FlowMatchEulerDiscreteScheduler)
+
+    def _schedule_indices(self, timestep) -> torch.Tensor:
+        """The index of each timestep in ``self.timesteps`` (int64 ``[k]`` on its device): diffusers'
+        ``index_for_timestep`` (the second match where there are several), found on the device without a sync; on
+        the host (schedule and timesteps on the CPU, outside tracing) with diffusers' own lookup and its errors."""
+        schedule = self.timesteps
+        if isinstance(timestep, torch.Tensor):
+            values = timestep.reshape(-1)
+        else:
+            values = torch.full((1,), float(timestep), dtype=schedule.dtype)
+        if schedule.device.type == "cpu" and values.device.type == "cpu" and not torch.compiler.is_compiling():
+            return torch.tensor([self.index_for_timestep(t, schedule) for t in values], dtype=torch.int64)
+        if not isinstance(timestep, torch.Tensor):
+            values = torch.full((1,), float(timestep), dtype=schedule.dtype, device=schedule.device)
+        matches = schedule[None, :] == values.to(schedule.device)[:, None]
+        rank = matches.cumsum(dim=1)
+        wanted = torch.where(matches.sum(dim=1, keepdim=True) > 1, 2, 1)
+        return (matches & (rank == wanted)).to(torch.int32).argmax(dim=1)
+
+    def _init_step_index(self, timestep) -> None:
+        """The parent's start: ``begin_index`` if set, else the index of ``timestep``; kept as a 0-d int64 tensor on
+        the device of ``sigmas`` (a fill kernel or a device search: no sync)."""
+        device = self.sigmas.device
+        if self.begin_index is None:
+            self._step_index = self._schedule_indices(timestep).reshape(()).to(device)
+        else:
+            self._step_index = torch.full((), int(self._begin_index), dtype=torch.int64, device=device)
+
+    def _step_index_tensor(self) -> torch.Tensor:
+        """``step_index`` as an int64 ``[1]`` tensor on the device of ``sigmas`` (a pipeline may have set an int)."""
+        index = self._step_index
+        if not isinstance(index, torch.Tensor):
+            index = torch.full((), int(index), dtype=torch.int64, device=self.sigmas.device)
+        return index.reshape(1).to(device=self.sigmas.device, dtype=torch.int64)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The forward process sigma * noise + (1 - sigma) * sample (:func:`diffkern.flow_add_noise`), with sigma the
+        schedule's at ``timestep`` (one per sample, or one for all) as the parent finds it: at the timesteps' indices,
+        or at ``step_index`` once stepping has begun (inpainting), or at ``begin_index`` (img2img)."""
+        _check_tensors(sample=sample)
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        count = timestep.reshape(-1).shape[0] if isinstance(timestep, torch.Tensor) else 1
+        if self.begin_index is None:
+            index = self._schedule_indices(timestep)
+        elif self.step_index is not None:
+            index = self._step_index_tensor().expand(count)
+        else:
+            index = torch.full((count,), int(self.begin_index), dtype=torch.int64)
+        sigma = self.sigmas.index_select(0, index.to(self.sigmas.device))
+        return flow_add_noise(sample, noise, sigma if sigma.numel() > 1 else sigma.reshape(()),
+                              backend=self.backend)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+             generator: Optional[torch.Generator] = None, per_token_timesteps: Optional[torch.Tensor] = None,
+             return_dict: bool = True) -> Union[FlowMatchEulerDiscreteSchedulerOutput, Tuple[torch.Tensor]]:
+        """One Euler step from ``sigmas[step_index]`` to ``sigmas[step_index + 1]`` (or, with
+        ``per_token_timesteps``, per token; see the class docstring), stochastic with the config's
+        ``stochastic_sampling``. ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are accepted and ignored, as
+        diffusers ignores them.
+
+        Args:
+            model_output: the velocity, the sample's shape, on its device.
+            timestep: one of ``timesteps`` (a float or a float tensor, host or device); integers raise, as in
+                diffusers.
+            sample: x ``[B, ...]``, float16/bfloat16/float32/float64.
+            generator: draws the stochastic step's noise (diffusers' ``randn_tensor``: a generator or a list).
+            per_token_timesteps: ``[B, T]`` timesteps of the tokens of a ``[B, T, C]`` sample (any shape that
+                broadcasts against the sample without its last dimension).
+            return_dict: a ``FlowMatchEulerDiscreteSchedulerOutput`` if True, else ``(prev_sample,)``.
+        """
+        if isinstance(timestep, (bool, numbers.Integral)) or (
+                isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`FlowMatchEulerDiscreteScheduler.step()` is not supported. Make sure to pass one of "
+                             "the `scheduler.timesteps` as a timestep.")
+        _check_tensors(model_output=model_output, sample=sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        stochastic = bool(self.config.stochastic_sampling)
+        noise = None
+        if stochastic:
+            # diffusers' own draw (the sample upcast to float32), so seeds reproduce its samples.
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        index = self._step_index_tensor()
+        if per_token_timesteps is None:
+            sigma = self.sigmas.index_select(0, index)
+            sigma_next = self.sigmas.index_select(0, index + 1)
+            prev_sample = self._euler(model_output, sample, sigma, sigma_next, noise, model_output.dtype)
+        else:
+            prev_sample = self._per_token_step(model_output, sample, per_token_timesteps, noise)
+        self._step_index = (index + 1).reshape(())
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+    def _euler(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+               noise: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """The fused step in one dtype (the promoted one of the two inputs), returned in ``out_dtype``."""
+        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        model_output, sample = model_output.to(dtype), sample.to(dtype)
+        noise = None if noise is None else noise.to(dtype)
+        prev = flow_match_step(model_output, sample, sigma, sigma_next, stochastic=noise is not None, noise=noise,
+                               backend=self.backend).prev_sample
+        return prev.to(out_dtype)
+
+    def _per_token_step(self, model_output: torch.Tensor, sample: torch.Tensor, per_token_timesteps: torch.Tensor,
+                        noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """diffusers' per-token branch (class docstring), each token a sample of the op: float32 output."""
+        _check_tensors(per_token_timesteps=per_token_timesteps)
+        if sample.ndim < 2:
+            raise ValueError(f"per_token_timesteps needs a sample of tokens [..., C], got shape {tuple(sample.shape)}")
+        token_sigmas = per_token_timesteps / self.config.num_train_timesteps
+        sigmas = self.sigmas.to(token_sigmas.device).reshape(-1, *([1] * token_sigmas.ndim))
+        lower = ((sigmas < token_sigmas[None] - 1e-6) * sigmas).max(dim=0).values
+        rows = sample.shape[:-1]
+        try:
+            current = token_sigmas.expand(rows).reshape(-1)
+            below = lower.expand(rows).reshape(-1)
+        except RuntimeError as exc:
+            raise ValueError(f"per_token_timesteps of shape {tuple(per_token_timesteps.shape)} does not broadcast "
+                             f"against the tokens {tuple(rows)} of the sample") from exc
+        channels = sample.shape[-1]
+        x = sample.float().reshape(-1, channels)
+        v = model_output.float().reshape(-1, channels)
+        if noise is None:
+            # x + (sigma - sigma_next) model_output: the op's step from sigma_next to sigma.
+            prev = flow_match_step(v, x, below, current, backend=self.backend).prev_sample
+        else:
+            z = noise.float().reshape(-1, channels)
+            prev = flow_match_step(-v, x, current, below, stochastic=True, noise=z, backend=self.backend).prev_sample
+        return prev.reshape(sample.shape)
