@@ -1,4 +1,5 @@
-// add_noise: x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise, abar_t gathered per sample.
+// add_noise: x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise, abar_t gathered per sample (at the
+// timesteps tensor's entry, or at the host timestep when the tensor is None).
 //
 // One pass: reads x_0 and noise once, writes x_t once (16-byte vectors where the streams align).
 // Coefficients are fp32 whatever the sample dtype (see diffkern/ops/add_noise.py).
@@ -14,8 +15,7 @@ namespace {
 struct AddNoiseOp {
   const float* table;
   int64_t table_len;
-  const int64_t* timesteps;
-  int64_t timesteps_numel;
+  Timesteps timesteps;
 
   struct Coef {
     float sqrt_a;
@@ -23,7 +23,7 @@ struct AddNoiseOp {
   };
 
   __device__ __forceinline__ Coef coef(int64_t b) const {
-    const float a = gather_abar(table, table_len, timesteps, timesteps_numel, b);
+    const float a = gather_abar(table, table_len, timesteps, b);
     return Coef{sqrtf(a), sqrtf(1.0f - a)};
   }
 
@@ -35,7 +35,7 @@ struct AddNoiseOp {
 }  // namespace
 
 Tensor add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const Tensor& alphas_cumprod,
-                      const Tensor& timesteps) {
+                      const std::optional<Tensor>& timesteps, int64_t host_timesteps) {
   check_cuda_tensor(original_samples, "original_samples");
   check_sample_dtype(original_samples, "original_samples");
   STD_TORCH_CHECK(original_samples.dim() >= 1, "diffkern: original_samples must have a batch dimension");
@@ -55,7 +55,7 @@ Tensor add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const
   const DeviceGuard guard(original_samples.get_device_index());
   const cudaStream_t stream = current_stream(original_samples.get_device_index());
   const AddNoiseOp op{static_cast<const float*>(alphas_cumprod.const_data_ptr()), alphas_cumprod.numel(),
-                      static_cast<const int64_t*>(timesteps.const_data_ptr()), timesteps.numel()};
+                      timesteps_arg(timesteps, host_timesteps)};
 
   dispatch_float_types(original_samples.scalar_type(), "add_noise", [&](auto tag) {
     using T = decltype(tag);

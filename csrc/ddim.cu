@@ -67,7 +67,8 @@ struct DdimOp : StepStreams<GUIDED, NOISE, false> {
 
 std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tensor& sample,
                                           const std::optional<Tensor>& noise, const Tensor& alphas_cumprod,
-                                          const Tensor& timestep, const Tensor& prev_timestep,
+                                          const std::optional<Tensor>& timestep, int64_t host_timestep,
+                                          const std::optional<Tensor>& prev_timestep, int64_t host_prev_timestep,
                                           double final_alpha_cumprod, double eta, int64_t prediction_type,
                                           bool clip_sample, double clip_sample_range,
                                           const std::optional<Tensor>& threshold_scale, bool use_clipped_model_output,
@@ -85,8 +86,9 @@ std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tens
   STD_TORCH_CHECK(!use_noise || noise.has_value(), "diffkern: ddim_step with eta > 0 needs noise");
 
   DdimScalars s{};
-  s.step = check_step_args(sample, batch, noise, use_noise, alphas_cumprod, timestep, prev_timestep, prediction_type,
-                           clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only);
+  s.step = check_step_args(sample, batch, noise, use_noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
+                           host_prev_timestep, prediction_type, clip_sample, clip_sample_range, threshold_scale,
+                           guidance_scale, x0_only);
   s.final_alpha_cumprod = static_cast<float>(final_alpha_cumprod);
   s.eta = static_cast<float>(eta);
   s.use_clipped_model_output = use_clipped_model_output;

@@ -64,7 +64,7 @@ struct DdpmOp : StepStreams<GUIDED, NOISE, false> {
     c.x_coef = sqrtf(alpha) * (1.0f - a_prev) / one_minus_a;
     float v = ((1.0f - a_prev) / one_minus_a) * beta;
     v = v < 1e-20f ? 1e-20f : v;  // clamp(min=1e-20), NaN kept
-    c.noisy = timestep_of(p.step.timestep, p.step.timestep_numel, b) > 0;
+    c.noisy = timestep_of(p.step.timestep, b) > 0;
     c.log_beta = logf(beta);
     c.log_v = logf(v);
     float std_dev = 0.0f;
@@ -107,7 +107,9 @@ struct DdpmOp : StepStreams<GUIDED, NOISE, false> {
 
 std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tensor& sample,
                                           const std::optional<Tensor>& noise, const Tensor& alphas_cumprod,
-                                          const Tensor& timestep, const Tensor& prev_timestep, int64_t variance_type,
+                                          const std::optional<Tensor>& timestep, int64_t host_timestep,
+                                          const std::optional<Tensor>& prev_timestep, int64_t host_prev_timestep,
+                                          int64_t variance_type,
                                           int64_t prediction_type, bool clip_sample, double clip_sample_range,
                                           const std::optional<Tensor>& threshold_scale,
                                           std::optional<double> guidance_scale, bool x0_only) {
@@ -133,8 +135,9 @@ std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tens
   const bool use_noise = !x0_only && noise.has_value();
 
   DdpmScalars s{};
-  s.step = check_step_args(sample, batch, noise, use_noise, alphas_cumprod, timestep, prev_timestep, prediction_type,
-                           clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only);
+  s.step = check_step_args(sample, batch, noise, use_noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
+                           host_prev_timestep, prediction_type, clip_sample, clip_sample_range, threshold_scale,
+                           guidance_scale, x0_only);
   s.variance_type = static_cast<int>(variance_type);
 
   auto full_step = [&](auto* prev, auto* x0, int64_t n, int64_t mo_n, cudaStream_t stream) {

@@ -20,10 +20,8 @@ namespace diffkern {
 struct StepScalars {
   const float* table;
   int64_t table_len;
-  const int64_t* timestep;
-  int64_t timestep_numel;
-  const int64_t* prev_timestep;
-  int64_t prev_timestep_numel;
+  Timesteps timestep;
+  Timesteps prev_timestep;
   const float* threshold_scale;  // [B], or null
   float clip_range;
   float guidance_scale;
@@ -31,13 +29,12 @@ struct StepScalars {
   int clip_mode;
 
   __device__ __forceinline__ float abar(int64_t b) const {
-    return gather_abar(table, table_len, timestep, timestep_numel, b);
+    return gather_abar(table, table_len, timestep, b);
   }
 
   // abar at prev_timestep[b], or `before_start` where prev_timestep[b] < 0 (the step to the clean sample).
   __device__ __forceinline__ float abar_prev(int64_t b, float before_start) const {
-    const int64_t tp = timestep_of(prev_timestep, prev_timestep_numel, b);
-    return tp >= 0 ? gather_abar(table, table_len, prev_timestep, prev_timestep_numel, b) : before_start;
+    return timestep_of(prev_timestep, b) >= 0 ? gather_abar(table, table_len, prev_timestep, b) : before_start;
   }
 
   // The dynamic-thresholding scale of sample b (1 when x0 is not thresholded).
@@ -101,12 +98,15 @@ struct X0PassOp : StepStreams<GUIDED, false, true> {
 };
 
 // Checks of the arguments both steps take, after each op's own checks of sample and model_output: the
-// prediction type, the abar table, the timesteps, the noise (when `use_noise`) and threshold_scale (unless
+// prediction type, the abar table, the timesteps (the tensors, when given; else the host values serve the
+// whole batch), the noise (when `use_noise`) and threshold_scale (unless
 // x0_only). Returns the device-side scalars; threshold_scale wins over clip_sample, as in diffusers.
 inline StepScalars check_step_args(const Tensor& sample, int64_t batch, const std::optional<Tensor>& noise,
-                                   bool use_noise, const Tensor& alphas_cumprod, const Tensor& timestep,
-                                   const Tensor& prev_timestep, int64_t prediction_type, bool clip_sample,
-                                   double clip_sample_range, const std::optional<Tensor>& threshold_scale,
+                                   bool use_noise, const Tensor& alphas_cumprod,
+                                   const std::optional<Tensor>& timestep, int64_t host_timestep,
+                                   const std::optional<Tensor>& prev_timestep, int64_t host_prev_timestep,
+                                   int64_t prediction_type, bool clip_sample, double clip_sample_range,
+                                   const std::optional<Tensor>& threshold_scale,
                                    std::optional<double> guidance_scale, bool x0_only) {
   STD_TORCH_CHECK(prediction_type >= kEpsilon && prediction_type <= kSample,
                   "diffkern: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), got ",
@@ -132,10 +132,8 @@ inline StepScalars check_step_args(const Tensor& sample, int64_t batch, const st
   StepScalars s{};
   s.table = static_cast<const float*>(alphas_cumprod.const_data_ptr());
   s.table_len = alphas_cumprod.numel();
-  s.timestep = static_cast<const int64_t*>(timestep.const_data_ptr());
-  s.timestep_numel = timestep.numel();
-  s.prev_timestep = static_cast<const int64_t*>(prev_timestep.const_data_ptr());
-  s.prev_timestep_numel = prev_timestep.numel();
+  s.timestep = timesteps_arg(timestep, host_timestep);
+  s.prev_timestep = timesteps_arg(prev_timestep, host_prev_timestep);
   s.threshold_scale = clip_mode == kThreshold ? static_cast<const float*>(threshold_scale->const_data_ptr()) : nullptr;
   s.clip_range = static_cast<float>(clip_sample_range);
   s.guidance_scale = guidance_scale.has_value() ? static_cast<float>(*guidance_scale) : 0.0f;

@@ -1,8 +1,10 @@
-// Per-sample timestep coefficients (device), shared by add_noise and the DDIM and DDPM steps: abar
-// gathered at a sample's timestep, the prediction types' x0 and eps, and the clipping of x0.
+// Per-sample timestep coefficients (device), shared by add_noise and the DDIM and DDPM steps: a sample's
+// timestep (device tensor or host value) and abar gathered there, the prediction types' x0 and eps, and the
+// clipping of x0.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "platform.cuh"
 
@@ -11,16 +13,31 @@ namespace diffkern {
 // clamp that propagates NaN like torch.clamp (fminf/fmaxf would drop it).
 __device__ __forceinline__ float clamp_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// abar at timesteps[b] (a [1] tensor is shared by the batch), the index clamped into the table.
-__device__ __forceinline__ float gather_abar(const float* table, int64_t table_len, const int64_t* ts,
-                                             int64_t ts_numel, int64_t b) {
-  int64_t t = ts[ts_numel == 1 ? 0 : b];
-  t = t < 0 ? 0 : (t >= table_len ? table_len - 1 : t);
-  return table[t];
+// A timestep argument of the ops (`Tensor? timestep, int host_timestep`): an int64 [1] (shared by the
+// batch) or [B] device tensor, read in place whatever its stride, or, when the tensor is None (ptr null),
+// one host value for every sample (a previous timestep may be negative: "before the first step").
+struct Timesteps {
+  const int64_t* ptr;  // null: `host` for every sample
+  int64_t stride;      // elements between samples' entries: 0 for a [1] tensor
+  int64_t host;
+};
+
+// The raw timestep of sample b.
+__device__ __forceinline__ int64_t timestep_of(const Timesteps& ts, int64_t b) {
+  return ts.ptr == nullptr ? ts.host : ts.ptr[b * ts.stride];
 }
 
-__device__ __forceinline__ int64_t timestep_of(const int64_t* ts, int64_t ts_numel, int64_t b) {
-  return ts[ts_numel == 1 ? 0 : b];
+// The kernels' view of a (checked) `Tensor? timestep, int host_timestep` pair; host only.
+inline Timesteps timesteps_arg(const std::optional<Tensor>& ts, int64_t host) {
+  if (!ts.has_value()) return Timesteps{nullptr, 0, host};
+  return Timesteps{static_cast<const int64_t*>(ts->const_data_ptr()), ts->numel() == 1 ? 0 : ts->stride(0), 0};
+}
+
+// abar at sample b's timestep, the index clamped into the table.
+__device__ __forceinline__ float gather_abar(const float* table, int64_t table_len, const Timesteps& ts, int64_t b) {
+  int64_t t = timestep_of(ts, b);
+  t = t < 0 ? 0 : (t >= table_len ? table_len - 1 : t);
+  return table[t];
 }
 
 // Prediction types, as the int codes of the ops' schemas.

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <vector>
 
 #include "dtype_dispatch.cuh"
@@ -77,8 +78,14 @@ inline bool is_batch_outer_dense(const Tensor& t) {
 inline void check_timesteps(const Tensor& ts, const char* name, const Tensor& ref, int64_t batch) {
   check_same_device(ts, name, ref, "sample");
   check_dtype(ts, name, ScalarType::Long);
-  STD_TORCH_CHECK(ts.dim() == 1 && (ts.numel() == 1 || ts.numel() == batch) && ts.is_contiguous(), "diffkern: ",
-                  name, " must be a contiguous int64 tensor of shape [1] or [", batch, "]");
+  STD_TORCH_CHECK(ts.dim() == 1 && (ts.numel() == 1 || ts.numel() == batch), "diffkern: ", name,
+                  " must be an int64 tensor of shape [1] or [", batch, "]");  // any stride: read in place
+}
+
+// A `Tensor? timestep, int host_timestep` pair: the tensor is checked when present; None means the host
+// value (range-checked by the public op) for every sample.
+inline void check_timesteps(const std::optional<Tensor>& ts, const char* name, const Tensor& ref, int64_t batch) {
+  if (ts.has_value()) check_timesteps(*ts, name, ref, batch);
 }
 
 inline void check_table(const Tensor& table, const Tensor& ref) {

@@ -50,40 +50,51 @@ def _ops():
     return torch.ops.diffkern
 
 
+def _timestep_pair(timesteps: C.TimestepLike) -> Tuple[Optional[torch.Tensor], int]:
+    """The ops' ``Tensor? timestep, int host_timestep``: a python int (shared by the batch; the kernels take it as
+    an argument, no fill kernel) as ``(None, value)``, an int64 ``[1 or B]`` tensor as ``(tensor, 0)``."""
+    if type(timesteps) is int:
+        return None, timesteps
+    return timesteps, 0
+
+
 @C.float64_runs_reference(add_noise_reference, dtype_from=0)
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-              timesteps: torch.Tensor) -> torch.Tensor:
-    return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, timesteps)
+              timesteps: C.TimestepLike) -> torch.Tensor:
+    """``add_noise_reference``'s contract; ``timesteps`` a python int or int64 ``[1 or B]`` on the device."""
+    return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, *_timestep_pair(timesteps))
 
 
 @C.float64_runs_reference(ddim_step_reference, dtype_from=1)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
               final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,
               **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``ddim_step_reference``'s contract (``step_options``: the options every step shares, ``_run_step``'s
-    keywords)."""
+    """``ddim_step_reference``'s contract (timesteps python ints or int64 ``[1 or B]`` tensors; ``step_options``:
+    the options every step shares, ``_run_step``'s keywords)."""
     ddim_step_cuda = _ops().ddim_step_cuda
+    timesteps = _timestep_pair(timestep) + _timestep_pair(prev_timestep)
 
     def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
-        return ddim_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
-                              final_alpha_cumprod, eta, prediction, clip_sample, clip_sample_range, threshold_scale,
-                              use_clipped_model_output, guidance_scale, x0_only)
+        return ddim_step_cuda(model_output, sample, noise, alphas_cumprod, *timesteps, final_alpha_cumprod, eta,
+                              prediction, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output,
+                              guidance_scale, x0_only)
 
     return _run_step(launch, noise if eta > 0 else None, **step_options)
 
 
 @C.float64_runs_reference(ddpm_step_reference, dtype_from=1)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
               variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``ddpm_step_reference``'s contract (``step_options``: the options every step shares, ``_run_step``'s
-    keywords)."""
+    """``ddpm_step_reference``'s contract (timesteps python ints or int64 ``[1 or B]`` tensors; ``step_options``:
+    the options every step shares, ``_run_step``'s keywords)."""
     ddpm_step_cuda = _ops().ddpm_step_cuda
     variance = VARIANCE_CODES[variance_type]
+    timesteps = _timestep_pair(timestep) + _timestep_pair(prev_timestep)
 
     def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
-        return ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance,
+        return ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, *timesteps, variance,
                               prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only)
 
     return _run_step(launch, noise, **step_options)

@@ -137,6 +137,17 @@ def step_cases(dtype: torch.dtype):
     yield "ddim per-sample, final step", lambda: diffkern.ddim_step(randn(batch, *shape), per_sample, x, table,
                                                                      prev_timestep=torch.tensor([481, -1]),
                                                                      backend="triton")
+    # Python-int timesteps, the backend contract's host scalars (the kernels' *_ON_HOST variants), through the
+    # implementations themselves: a negative prev_timestep and the thresholding pass included.
+    implementation = backends.implementation
+    host_options = dict(prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=True,
+                        dynamic_thresholding_ratio=0.9, sample_max_value=2.0, guidance_scale=None)
+    yield "add_noise host timestep", lambda: implementation("triton", "add_noise")(x, randn(batch, *shape), table, 501)
+    yield "ddim host timesteps, final step", lambda: implementation("triton", "ddim_step")(
+        randn(batch, *shape), x, None, table, 501, -1, final_alpha_cumprod=1.0, eta=0.0,
+        use_clipped_model_output=False, **host_options)
+    yield "ddpm host timesteps", lambda: implementation("triton", "ddpm_step")(
+        randn(batch, *shape), x, randn(batch, *shape), table, 501, 481, variance_type="fixed_small", **host_options)
     for i, variance in enumerate(VARIANCE_TYPES):
         learned = variance.startswith("learned")
         guided = i % 2 == 1

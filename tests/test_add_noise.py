@@ -113,6 +113,17 @@ def test_table_ends_clamping_and_strided_indices(fast_backend, table, randn, gen
     run_both(diffkern.add_noise, fast_backend, x0, noise, every_other, table[::2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_implementation_takes_a_python_int_timestep(fast_backend, dtype, table, randn, gen, device):
+    """The backend contract: a python-int timestep (a kernel argument, no device tensor) computes bit for bit
+    what the equivalent int64 [1] tensor computes, table ends included."""
+    implementation = backends.implementation(fast_backend, "add_noise")
+    x0, noise = randn(3, 4, 5, 7, dtype=dtype), randn(3, 4, 5, 7, dtype=dtype)
+    for t in (0, int(torch.randint(1, NUM_TRAIN - 1, (), generator=gen)), NUM_TRAIN - 1):
+        by_int = implementation(x0, noise, table, t)
+        assert torch.equal(by_int, implementation(x0, noise, table, torch.tensor([t], device=device))), t
+
+
 def test_float64_runs_the_reference_math(fast_backend, table, randn, gen, device):
     x0, noise = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, 4, dtype=torch.float64)
     t = timesteps_for("per-sample", gen, 2, device)

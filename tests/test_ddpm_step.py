@@ -239,6 +239,40 @@ def test_layouts_match_reference(fast_backend, dtype, variance_type, layout, tab
         assert x0.is_contiguous(memory_format=torch.channels_last)
 
 
+# Host-timestep cases: (t, prev_timestep or None for t - 1, variance type, the implementation's options).
+HOST_TIMESTEP_CASES = {
+    "t0-final-thresholding": (0, -1, "fixed_small", dict(thresholding=True, dynamic_thresholding_ratio=0.9,
+                                                         sample_max_value=2.0)),
+    "learned_range-guided": (None, None, "learned_range", dict(guidance_scale=3.0)),
+    "fixed_small_log-spaced-v": (None, 20, "fixed_small_log", dict(prediction_type="v_prediction")),
+    "t1-to-0-thresholding-guided": (1, 0, "fixed_large", dict(thresholding=True, guidance_scale=2.0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(HOST_TIMESTEP_CASES))
+def test_implementation_takes_python_int_timesteps(fast_backend, case, dtype, table, randn, gen, device):
+    """The backend contract: python-int timesteps (kernel arguments, no device tensors; a negative
+    prev_timestep means abar_prev = 1; no noise at t = 0) compute bit for bit what the equivalent int64 [1]
+    tensors compute."""
+    t, prev_spec, variance_type, overrides = HOST_TIMESTEP_CASES[case]
+    options = dict(variance_type=variance_type, prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
+                   thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, guidance_scale=None)
+    options.update(overrides)
+    if t is None:
+        t = int(torch.randint(100, NUM_TRAIN, (), generator=gen))
+    prev = t - 1 if prev_spec is None else (prev_spec if prev_spec <= 0 else t - prev_spec)
+    shape = (3, 4, 5, 6)
+    model_output = ddpm_model_output(randn, shape, variance_type, dtype, options["guidance_scale"] is not None)
+    sample, noise = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    implementation = backends.implementation(fast_backend, "ddpm_step")
+    by_int = implementation(model_output, sample, noise, table, t, prev, **options)
+    by_tensor = implementation(model_output, sample, noise, table, torch.tensor([t], device=device),
+                               torch.tensor([prev], device=device), **options)
+    for ours, expected in zip(by_int, by_tensor):
+        assert torch.equal(ours, expected)
+
+
 def test_float64_runs_the_reference_math(fast_backend, table, randn, gen, device):
     x, model_output = randn(2, 3, 4, dtype=torch.float64), randn(2, 3, 4, dtype=torch.float64)
     noise = randn(2, 3, 4, dtype=torch.float64)

@@ -20,9 +20,12 @@ from diffkern.ops._declaration import CudaOp, OpDeclaration
 DECLARATION = OpDeclaration.single_entry(
     "add_noise", reference="diffkern.ops.add_noise:add_noise_reference", triton="diffkern.triton.add_noise:add_noise",
     cuda="diffkern._cuda_ops:add_noise",
+    # timesteps: an int64 [1 or B] tensor, or None and host_timesteps for the whole batch (as DDIM's timesteps).
     cuda_ops=(CudaOp("add_noise_cuda",
-                     "(Tensor original_samples, Tensor noise, Tensor alphas_cumprod, Tensor timesteps) -> Tensor",
-                     lambda original_samples, *_: torch.empty_like(original_samples)),),
+                     "(Tensor original_samples, Tensor noise, Tensor alphas_cumprod, Tensor? timesteps, "
+                     "int host_timesteps) -> Tensor",
+                     lambda original_samples, noise, alphas_cumprod, timesteps, host_timesteps:
+                     torch.empty_like(original_samples)),),
 )
 
 

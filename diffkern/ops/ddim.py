@@ -44,15 +44,19 @@ DECLARATION = OpDeclaration.single_entry(
     # Codes: prediction_type as ``_declaration.PREDICTION_CODES``. threshold_scale: the per-sample dynamic
     # thresholding scale s (float32 [B]); when given, x0 is clamped to [-s, s] and divided by s (clip_sample is
     # then ignored, as in diffusers). x0_only: the first pass of dynamic thresholding: returns (x0 as float32
-    # [B, n] before any clipping, an empty tensor), ignoring noise, clipping and threshold_scale.
+    # [B, n] before any clipping, an empty tensor), ignoring noise, clipping and threshold_scale. Timesteps: an
+    # int64 [1 or B] tensor, or None and the host_ value for the whole batch (a negative host_prev_timestep:
+    # final_alpha_cumprod), so that a python-int timestep is a kernel argument and not a fill kernel.
     cuda_ops=(CudaOp("ddim_step_cuda",
-                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor timestep, "
-                     "Tensor prev_timestep, float final_alpha_cumprod, float eta, int prediction_type, "
-                     "bool clip_sample, float clip_sample_range, Tensor? threshold_scale, "
-                     "bool use_clipped_model_output, float? guidance_scale, bool x0_only=False) -> (Tensor, Tensor)",
-                     lambda model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, final_alpha_cumprod,
-                     eta, prediction_type, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output,
-                     guidance_scale, x0_only=False: step_cuda_outputs(sample, x0_only)),),
+                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor? timestep, "
+                     "int host_timestep, Tensor? prev_timestep, int host_prev_timestep, float final_alpha_cumprod, "
+                     "float eta, int prediction_type, bool clip_sample, float clip_sample_range, "
+                     "Tensor? threshold_scale, bool use_clipped_model_output, float? guidance_scale, "
+                     "bool x0_only=False) -> (Tensor, Tensor)",
+                     lambda model_output, sample, noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
+                     host_prev_timestep, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
+                     threshold_scale, use_clipped_model_output, guidance_scale, x0_only=False:
+                     step_cuda_outputs(sample, x0_only)),),
 )
 
 

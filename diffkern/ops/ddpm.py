@@ -30,15 +30,16 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 DECLARATION = OpDeclaration.single_entry(
     "ddpm_step", reference="diffkern.ops.ddpm:ddpm_step_reference", triton="diffkern.triton.ddpm:ddpm_step",
     cuda="diffkern._cuda_ops:ddpm_step",
-    # Codes: variance_type and prediction_type as ``_declaration``'s; threshold_scale and x0_only as DDIM's.
+    # Codes: variance_type and prediction_type as ``_declaration``'s; the timesteps (tensor or None and host
+    # value; a negative host_prev_timestep: abar_prev = 1), threshold_scale and x0_only as DDIM's.
     cuda_ops=(CudaOp("ddpm_step_cuda",
-                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor timestep, "
-                     "Tensor prev_timestep, int variance_type, int prediction_type, bool clip_sample, "
-                     "float clip_sample_range, Tensor? threshold_scale, float? guidance_scale, bool x0_only=False) "
-                     "-> (Tensor, Tensor)",
-                     lambda model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type,
-                     prediction_type, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only=False:
-                     step_cuda_outputs(sample, x0_only)),),
+                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor? timestep, "
+                     "int host_timestep, Tensor? prev_timestep, int host_prev_timestep, int variance_type, "
+                     "int prediction_type, bool clip_sample, float clip_sample_range, Tensor? threshold_scale, "
+                     "float? guidance_scale, bool x0_only=False) -> (Tensor, Tensor)",
+                     lambda model_output, sample, noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
+                     host_prev_timestep, variance_type, prediction_type, clip_sample, clip_sample_range,
+                     threshold_scale, guidance_scale, x0_only=False: step_cuda_outputs(sample, x0_only)),),
 )
 
 

@@ -10,6 +10,12 @@ sample ``p // blocks_per_sample``, so it has a single sample and gathers that sa
 scalars. (A 2-D ``(blocks, B)`` grid would cap the batch at CUDA's 65535 limit on grid dimension y.) All
 element offsets are int64, so tensors past 2^31 elements index correctly.
 
+Timesteps. Each timestep argument is a python int (shared by the batch, range-checked by the public op; a
+negative previous timestep means "before the first step") or an int64 ``[1 or B]`` tensor on the samples'
+device. The kernels take it as ``(ptr, stride, host)`` and a constexpr ``*_ON_HOST`` (``timestep_args``): a
+host int is a kernel argument (no fill kernel, no load; the ptr is the table, unused), a tensor is gathered per
+sample. Host values are not specialised on (``do_not_specialize``): a sampling loop compiles once.
+
 Numerics. Per-sample coefficients are computed in the kernel in fp32, once per program, in diffusers' operation
 order; every sqrt and division is correctly rounded (``sqrt_rn``/``div_rn``: a few extra instructions in
 memory-bound kernels) and kernels are launched with FMA contraction off, so that every operation rounds as in
@@ -25,6 +31,7 @@ tolerance is 1e-10): matching it in a kernel needs fp64 coefficients and fp64 ex
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -56,13 +63,15 @@ class LaunchConfig(NamedTuple):
     grid: Tuple[int]
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_config(batch: int, n: int) -> LaunchConfig:
-    """Block size, warps and grid for ``batch`` samples of ``n`` elements (``batch * n > 0``).
+    """Block size, warps and grid for ``batch`` samples of ``n`` elements (``batch * n > 0``), in plain integers
+    and cached per shape: a sampling loop computes it once.
 
     Small samples get small blocks (down to 128 elements) rather than a mostly masked 4096-element block."""
-    block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(n)))
+    block = min(MAX_BLOCK, max(MIN_BLOCK, 1 << (n - 1).bit_length()))
     num_warps = max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
-    blocks_per_sample = triton.cdiv(n, block)
+    blocks_per_sample = -(-n // block)
     return LaunchConfig(block, num_warps, blocks_per_sample, (batch * blocks_per_sample,))
 
 
@@ -94,8 +103,31 @@ def table_args(alphas_cumprod: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
 
 
 def as_index_vector(timesteps: torch.Tensor) -> torch.Tensor:
-    """int64 ``[1 or B]`` (a view when already so; the public ops pass it so)."""
+    """int64 ``[1 or B]`` (the tensor itself when already so, as the public ops pass it: no dispatcher call)."""
+    if timesteps.dtype == torch.int64 and timesteps.ndim == 1:
+        return timesteps
     return timesteps.reshape(-1).to(torch.int64)
+
+
+class TimestepArgs(NamedTuple):
+    """A timestep argument as the kernels take it: ``(ptr, stride, host)`` positionally and ``on_host`` as the
+    kernel's ``*_ON_HOST`` constexpr. A python int (shared by the batch; negative allowed for previous
+    timesteps) travels as ``host`` with ``on_host`` set: the kernel uses the scalar and never loads, and ``ptr``
+    is any valid tensor (the table) with stride 0. An int64 ``[1 or B]`` tensor travels as (tensor, its stride
+    between samples, 0) with ``on_host`` clear."""
+    ptr: torch.Tensor
+    stride: int
+    host: int
+    on_host: bool
+
+
+def timestep_args(timesteps, table: torch.Tensor) -> TimestepArgs:
+    """``TimestepArgs`` of a python int or an int64 ``[1 or B]`` tensor on the samples' device (the backend
+    contract; ints were range-checked by the public op)."""
+    if type(timesteps) is int:
+        return TimestepArgs(table, 0, timesteps, True)
+    timesteps = as_index_vector(timesteps)
+    return TimestepArgs(timesteps, index_stride(timesteps), 0, False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,18 +144,30 @@ def program_span(n, blocks_per_sample, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample):
+def timestep_of(timesteps_ptr, timesteps_stride, host_timestep, sample, ON_HOST: tl.constexpr):
+    """The raw int64 timestep of one sample: the host scalar (``ON_HOST``, nothing loaded) or the tensor's entry."""
+    if ON_HOST:
+        t = host_timestep.to(tl.int64)
+    else:
+        t = tl.load(timesteps_ptr + sample * timesteps_stride)
+    return t
+
+
+@triton.jit
+def gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                ON_HOST: tl.constexpr):
     """(raw timestep, abar at the timestep clamped into [0, T-1]) of one sample, as scalars."""
-    t = tl.load(timesteps_ptr + sample * timesteps_stride)
+    t = timestep_of(timesteps_ptr, timesteps_stride, host_timestep, sample, ON_HOST)
     index = tl.minimum(tl.maximum(t, 0), num_train - 1)
     return t, tl.load(table_ptr + index * table_stride)
 
 
 @triton.jit
-def gather_abar_prev(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample,
-                     final_alpha_cumprod):
+def gather_abar_prev(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                     final_alpha_cumprod, ON_HOST: tl.constexpr):
     """abar at the previous timestep of one sample; a negative timestep means ``final_alpha_cumprod``."""
-    t_prev, inside = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    t_prev, inside = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep,
+                                 sample, ON_HOST)
     return tl.where(t_prev >= 0, inside, final_alpha_cumprod)
 
 
@@ -181,13 +225,17 @@ def store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0):
     tl.store(x0_out_ptr + element, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Every kernel takes its host timesteps with do_not_specialize (see "Timesteps" above): a plain runtime argument,
+# so a sampling loop compiles one variant, not one per value class (Triton specialises ints on divisibility by 16).
+@triton.jit(do_not_specialize=["host_timestep"])
 def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
-                   timesteps_stride, n, blocks_per_sample, model_output_sample_stride, cond_offset, guidance_scale,
-                   PREDICTION: tl.constexpr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                   timesteps_stride, host_timestep, n, blocks_per_sample, model_output_sample_stride, cond_offset,
+                   guidance_scale, PREDICTION: tl.constexpr, GUIDED: tl.constexpr, TIMESTEP_ON_HOST: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """|x0| in fp32, ``[B, n]`` dense: the first pass of dynamic thresholding (same x0 as the step kernels)."""
     sample, offsets, mask = program_span(n, blocks_per_sample, BLOCK)
-    _, a = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    _, a = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                       TIMESTEP_ON_HOST)
     sqrt_a = tl.sqrt_rn(a)
     sqrt_beta = tl.sqrt_rn(1.0 - a)
     model_out = load_model_output(model_output_ptr, sample * model_output_sample_stride + offsets, mask, cond_offset,
@@ -205,11 +253,11 @@ def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_st
 
 
 def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
-                    timestep: torch.Tensor, *, prediction_type: str, guidance_scale: Optional[float],
+                    timestep: TimestepArgs, *, prediction_type: str, guidance_scale: Optional[float],
                     model_output_sample_stride: int, ratio: float, sample_max_value: float) -> torch.Tensor:
     """Per-sample dynamic-thresholding scale, float32 ``[B]``: one kernel pass writing |x0| (fp32, ``B*n``),
     then ``_common.threshold_scale_from_abs``'s selection (one ``kthvalue`` per order statistic needed), which
-    needs no ``abs`` copy since the kernel wrote absolute values."""
+    needs no ``abs`` copy since the kernel wrote absolute values. ``timestep``: ``timestep_args``' form."""
     batch = sample.shape[0]
     n = sample.numel() // batch
     abs_x0 = torch.empty((batch, n), dtype=torch.float32, device=sample.device)
@@ -217,11 +265,11 @@ def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cum
     cfg = launch_config(batch, n)
     with device_guard(sample):
         _abs_x0_kernel[cfg.grid](
-            model_output, sample, abs_x0, table, table_stride, num_train, timestep, index_stride(timestep), n,
-            cfg.blocks_per_sample, model_output_sample_stride, batch * model_output_sample_stride,
-            0.0 if guidance_scale is None else guidance_scale,
-            PREDICTION=PREDICTION_CODES[prediction_type], GUIDED=guidance_scale is not None, BLOCK=cfg.block,
-            num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
+            model_output, sample, abs_x0, table, table_stride, num_train, timestep.ptr, timestep.stride,
+            timestep.host, n, cfg.blocks_per_sample, model_output_sample_stride,
+            batch * model_output_sample_stride, 0.0 if guidance_scale is None else guidance_scale,
+            PREDICTION=PREDICTION_CODES[prediction_type], GUIDED=guidance_scale is not None,
+            TIMESTEP_ON_HOST=timestep.on_host, BLOCK=cfg.block, num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
     return C.threshold_scale_from_abs(abs_x0, ratio, sample_max_value)
 
 
@@ -230,15 +278,17 @@ def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cum
 
 
 def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-                alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
+                alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike,
                 family_args: Dict[str, Any], *, prediction_type: str, clip_sample: bool, clip_sample_range: float,
                 thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
                 guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs a step kernel over the flat buffers; returns (prev_sample, pred_original_sample) in the sample's
     dtype and layout.
 
-    ``kernel`` takes the buffers, table and timesteps, ``n`` and ``blocks_per_sample`` positionally, as the
-    step kernels list them, then by name: ``model_output_sample_stride`` (elements per model-output sample:
+    ``kernel`` takes the buffers, table, the timestep's and the previous timestep's ``(ptr, stride, host)``
+    (``timestep_args``; python ints or int64 ``[1 or B]`` tensors), ``n`` and ``blocks_per_sample`` positionally,
+    as the step kernels list them, then by name: the constexprs ``TIMESTEP_ON_HOST`` and
+    ``PREV_TIMESTEP_ON_HOST``, ``model_output_sample_stride`` (elements per model-output sample:
     n, or 2n for a learned variance), ``cond_offset`` (where the conditional half starts; 0 unguided),
     ``clip_range``, ``guidance_scale`` and the constexprs ``PREDICTION``, ``CLIP``, ``THRESHOLD``,
     ``HAS_NOISE`` (``noise`` given), ``GUIDED`` and ``BLOCK``, plus the family's own ``family_args``. With
@@ -252,8 +302,8 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
     model_output_sample_stride = model_output.numel() // model_output.shape[0]
     guided = guidance_scale is not None
     table, table_stride, num_train = table_args(alphas_cumprod)
-    timestep = as_index_vector(timestep)
-    prev_timestep = as_index_vector(prev_timestep)
+    timestep = timestep_args(timestep, table)
+    prev_timestep = timestep_args(prev_timestep, table)
     scale = None
     if thresholding:
         scale = threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
@@ -263,11 +313,12 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
     with device_guard(sample):
         kernel[cfg.grid](
             model_output, sample, noise, scale, prev_out, x0_out,
-            table, table_stride, num_train, timestep, index_stride(timestep),
-            prev_timestep, index_stride(prev_timestep), n, cfg.blocks_per_sample,
+            table, table_stride, num_train, timestep.ptr, timestep.stride, timestep.host,
+            prev_timestep.ptr, prev_timestep.stride, prev_timestep.host, n, cfg.blocks_per_sample,
             model_output_sample_stride=model_output_sample_stride,
             cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
             guidance_scale=guidance_scale if guided else 0.0, PREDICTION=PREDICTION_CODES[prediction_type],
             CLIP=clip_sample and not thresholding, THRESHOLD=thresholding, HAS_NOISE=noise is not None,
-            GUIDED=guided, BLOCK=cfg.block, num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
+            GUIDED=guided, TIMESTEP_ON_HOST=timestep.on_host, PREV_TIMESTEP_ON_HOST=prev_timestep.on_host,
+            BLOCK=cfg.block, num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
     return prev_out, x0_out

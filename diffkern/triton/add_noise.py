@@ -11,16 +11,19 @@ import torch
 import triton
 import triton.language as tl
 
+from diffkern.ops import _common as C
 from diffkern.ops._common import float64_runs_reference
 from diffkern.ops.add_noise import add_noise_reference
 from diffkern.triton import _common as K
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["host_timestep"])
 def _add_noise_kernel(x0_ptr, noise_ptr, out_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
-                      timesteps_stride, n, blocks_per_sample, BLOCK: tl.constexpr):
+                      timesteps_stride, host_timestep, n, blocks_per_sample, TIMESTEP_ON_HOST: tl.constexpr,
+                      BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
-    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                         TIMESTEP_ON_HOST)
     sqrt_a = tl.sqrt_rn(a)
     sqrt_beta = tl.sqrt_rn(1.0 - a)
     element = sample * n + offsets
@@ -32,9 +35,10 @@ def _add_noise_kernel(x0_ptr, noise_ptr, out_ptr, table_ptr, table_stride, num_t
 
 @float64_runs_reference(add_noise_reference, dtype_from=0)
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-              timesteps: torch.Tensor) -> torch.Tensor:
+              timesteps: C.TimestepLike) -> torch.Tensor:
     """``add_noise_reference``'s contract: ``original_samples`` and ``noise`` ``[B, ...]`` laid out alike
-    (fp16/bf16/fp32; fp64 runs the reference), table float32 ``[T]``, timesteps int64 ``[1 or B]``.
+    (fp16/bf16/fp32; fp64 runs the reference), table float32 ``[T]``, timesteps a python int (shared by the
+    batch: a kernel argument) or int64 ``[1 or B]`` on the samples' device.
     Returns x_t in the samples' dtype and layout."""
     K.check_flat_layout(original_samples, noise)
     out = torch.empty_like(original_samples)
@@ -43,10 +47,10 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumpro
     batch = original_samples.shape[0]
     n = original_samples.numel() // batch
     table, table_stride, num_train = K.table_args(alphas_cumprod)
-    timesteps = K.as_index_vector(timesteps)
+    t = K.timestep_args(timesteps, table)
     cfg = K.launch_config(batch, n)
     with K.device_guard(original_samples):
-        _add_noise_kernel[cfg.grid](original_samples, noise, out, table, table_stride, num_train, timesteps,
-                                    K.index_stride(timesteps), n, cfg.blocks_per_sample, BLOCK=cfg.block,
+        _add_noise_kernel[cfg.grid](original_samples, noise, out, table, table_stride, num_train, t.ptr, t.stride,
+                                    t.host, n, cfg.blocks_per_sample, TIMESTEP_ON_HOST=t.on_host, BLOCK=cfg.block,
                                     num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
     return out

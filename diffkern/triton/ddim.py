@@ -30,20 +30,21 @@ from diffkern.ops.ddim import ddim_step_reference
 from diffkern.triton import _common as K
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["host_timestep", "host_prev_timestep"])
 def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
-                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
-                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample,
+                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep,
+                      prev_timesteps_ptr, prev_timesteps_stride, host_prev_timestep, n, blocks_per_sample,
                       model_output_sample_stride, cond_offset, final_alpha_cumprod, eta, clip_range, guidance_scale,
                       PREDICTION: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      TIMESTEP_ON_HOST: tl.constexpr, PREV_TIMESTEP_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
 
     # Per-sample scalars, in the reference's operation order.
-    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    _, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                         TIMESTEP_ON_HOST)
     a_prev = K.gather_abar_prev(table_ptr, table_stride, num_train, prev_timesteps_ptr, prev_timesteps_stride,
-                                sample, final_alpha_cumprod)
+                                host_prev_timestep, sample, final_alpha_cumprod, PREV_TIMESTEP_ON_HOST)
     beta = 1.0 - a
     sqrt_a = tl.sqrt_rn(a)
     sqrt_beta = tl.sqrt_rn(beta)
@@ -73,14 +74,15 @@ def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
 
 @C.float64_runs_reference(ddim_step_reference, dtype_from=1)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
               final_alpha_cumprod: float, eta: float, use_clipped_model_output: bool,
               **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
     """``ddim_step_reference``'s contract: ``model_output`` ``[B or 2B, ...]`` (2B with ``guidance_scale``),
     ``sample`` ``[B, ...]`` and ``noise`` (used when eta > 0) laid out alike, fp16/bf16/fp32 (fp64 runs the
-    reference); table float32 ``[T]``; timesteps int64 ``[1 or B]``; ``step_options`` are the options every
-    step shares (``K.launch_step``'s keywords). Returns (prev_sample, pred_original_sample) in the sample's dtype
-    and layout."""
+    reference); table float32 ``[T]``; timesteps python ints (shared by the batch, kernel arguments; a negative
+    prev_timestep means ``final_alpha_cumprod``) or int64 ``[1 or B]`` on the sample's device; ``step_options``
+    are the options every step shares (``K.launch_step``'s keywords). Returns (prev_sample,
+    pred_original_sample) in the sample's dtype and layout."""
     has_noise = eta > 0
     if has_noise and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise")

@@ -47,20 +47,21 @@ def _variance_code(variance_type: str) -> int:
     return VARIANCE_CODES["fixed_large" if variance_type == "fixed_large_log" else variance_type]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["host_timestep", "host_prev_timestep"])
 def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
-                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride,
-                      prev_timesteps_ptr, prev_timesteps_stride, n, blocks_per_sample,
+                      table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep,
+                      prev_timesteps_ptr, prev_timesteps_stride, host_prev_timestep, n, blocks_per_sample,
                       model_output_sample_stride, cond_offset, clip_range, guidance_scale,
                       PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
                       THRESHOLD: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      TIMESTEP_ON_HOST: tl.constexpr, PREV_TIMESTEP_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
 
     # Per-sample scalars, in the reference's operation order.
-    t, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, sample)
+    t, a = K.gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
+                         TIMESTEP_ON_HOST)
     a_prev = K.gather_abar_prev(table_ptr, table_stride, num_train, prev_timesteps_ptr, prev_timesteps_stride,
-                                sample, 1.0)
+                                host_prev_timestep, sample, 1.0, PREV_TIMESTEP_ON_HOST)
     alpha = tl.div_rn(a, a_prev)
     beta = 1.0 - alpha
     sqrt_a = tl.sqrt_rn(a)
@@ -102,12 +103,13 @@ def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
 
 @C.float64_runs_reference(ddpm_step_reference, dtype_from=1)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-              alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
+              alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
               variance_type: str, **step_options) -> Tuple[torch.Tensor, torch.Tensor]:
     """``ddpm_step_reference``'s contract: ``model_output`` ``[B or 2B, C or 2C, ...]`` (2C for learned variance
     types, and then every tensor C-contiguous), ``sample`` ``[B, C, ...]`` and ``noise`` (or None: no noise)
-    laid out alike, fp16/bf16/fp32 (fp64 runs the reference); table float32 ``[T]``; timesteps int64
-    ``[1 or B]``; ``step_options`` are the options every step shares (``K.launch_step``'s keywords). Returns
+    laid out alike, fp16/bf16/fp32 (fp64 runs the reference); table float32 ``[T]``; timesteps python ints
+    (shared by the batch, kernel arguments; a negative prev_timestep means abar_prev = 1) or int64 ``[1 or B]``
+    on the sample's device; ``step_options`` are the options every step shares (``K.launch_step``'s keywords). Returns
     (prev_sample, pred_original_sample) in the sample's dtype and layout."""
     if variance_type in LEARNED_VARIANCE_TYPES:
         # The 2C-channel output is split per sample in storage order: only C order splits it by channel.
