@@ -1,4 +1,5 @@
-"""A sampling loop that stays on the device: DDIM or DDPM over a table of timesteps, optionally as a CUDA graph.
+"""A sampling loop that stays on the device: DDIM or DDPM over a table of timesteps, or flow-matching Euler steps over
+a sigma schedule, optionally as a CUDA graph.
 
 :func:`sample` runs, for ``i = 0 .. n-1`` over a strictly descending timestep tensor ``ts`` of length n::
 
@@ -17,7 +18,12 @@ The previous timesteps ``prev_ts`` are those of the diffusers scheduler whose lo
 Pass ``prev_timesteps`` to step elsewhere, e.g. ``torch.cat([ts[1:], ts.new_tensor([-1])])`` for DDIM to the next
 scheduled timestep.
 
-Everything the loop indexes (the timesteps, their successors, the abar table) is moved to the samples'
+``method="flow_euler"`` runs ``x = flow_match_step(model_fn(x, t_i), x, sigmas[i], sigmas[i + 1]).prev_sample`` over
+a schedule of n + 1 sigmas (a diffusers ``FlowMatchEulerDiscreteScheduler``'s ``sigmas``, the terminal one included),
+with t_i = ``timesteps[i]`` (the scheduler's ``timesteps``, what the transformer takes) or, without ``timesteps``,
+sigmas[i]: n steps, no ``alphas_cumprod``.
+
+Everything the loop indexes (the timesteps, their successors, the abar table, the sigmas) is moved to the samples'
 device once, before the first step; each step then picks its timestep with a device-side index, so the host never
 waits for the device: no ``.item()``, no Python comparison of device values. That is also what makes the loop
 capturable as a CUDA graph (``capture=True``).
@@ -25,7 +31,7 @@ capturable as a CUDA graph (``capture=True``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -33,8 +39,9 @@ from diffkern import backends
 from diffkern.ops import _common as C
 from diffkern.ops.ddim import ddim_step
 from diffkern.ops.ddpm import ddpm_step
+from diffkern.ops.flow_match import flow_match_step
 
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", "flow_euler")
 
 # The step options each method takes through ``**step_options``; the loop itself owns timestep, prev_timestep,
 # noise, generator, eta, guidance_scale and backend.
@@ -43,6 +50,7 @@ STEP_OPTIONS = {
              "sample_max_value", "use_clipped_model_output", "final_alpha_cumprod"),
     "ddpm": ("variance_type", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
              "dynamic_thresholding_ratio", "sample_max_value"),
+    "flow_euler": (),
 }
 
 # Eager runs before capture, so that lazily created state (cuBLAS/cuDNN handles, Triton compilation and
@@ -52,11 +60,14 @@ _CAPTURE_WARMUP_RUNS = 3
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
-           method: str = "ddim", eta: float = 0.0, guidance_scale: Optional[float] = None,
-           generator: Optional[torch.Generator] = None, capture: bool = False, backend: str = "auto",
-           prev_timesteps: Optional[torch.Tensor] = None, **step_options) -> torch.Tensor:
-    """Denoise ``x_T`` along ``timesteps`` with DDIM or DDPM steps; returns the final sample x_0.
+def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: Optional[torch.Tensor] = None,
+           timesteps: Optional[torch.Tensor] = None, *, method: str = "ddim", eta: float = 0.0,
+           guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None, capture: bool = False,
+           backend: str = "auto", prev_timesteps: Optional[torch.Tensor] = None,
+           sigmas: Optional[torch.Tensor] = None, stochastic: bool = False, guidance_rescale: float = 0.0,
+           **step_options) -> torch.Tensor:
+    """Denoise ``x_T`` along ``timesteps`` with DDIM or DDPM steps, or along ``sigmas`` with flow-matching Euler
+    steps; returns the final sample x_0.
 
     Args:
         model_fn: ``model_fn(x, t) -> output``. ``x`` is ``[B, ...]`` in ``x_T``'s dtype (``[2B, ...]``, the
@@ -69,7 +80,9 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
         timesteps: strictly descending 1-D integer tensor of values in ``[0, T)``, e.g. a diffusers scheduler's
             ``timesteps``. Order and range are checked when it is on the CPU; a device tensor is trusted (reading
             it would stall the host).
-        method: ``"ddim"`` (:func:`diffkern.ddim_step`) or ``"ddpm"`` (:func:`diffkern.ddpm_step`).
+        method: ``"ddim"`` (:func:`diffkern.ddim_step`), ``"ddpm"`` (:func:`diffkern.ddpm_step`) or
+            ``"flow_euler"`` (:func:`diffkern.flow_match_step`; ``alphas_cumprod`` must be None, ``sigmas`` given,
+            ``timesteps`` optional: any 1-D float or integer tensor of n model times, default ``sigmas[:-1]``).
         eta: DDIM's noise weight (0: deterministic). Must be 0 for DDPM.
         guidance_scale: classifier-free guidance, fused into the step. Convention: ``model_fn`` receives
             ``cat([x, x])`` and returns the unconditional prediction for the first B samples and the conditional
@@ -85,7 +98,13 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
         backend: ``auto``, ``reference``, ``triton`` or ``cuda`` for the step ops.
         prev_timesteps: the timestep each step goes to, a 1-D integer tensor like ``timesteps`` (negative: past
             the last step). Default: the rule of the diffusers scheduler of ``method`` (module docstring).
-        **step_options: passed to the step: DDIM ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
+        sigmas: flow_euler's schedule, a 1-D float tensor of n + 1 noise levels in [0, 1] (checked when on the
+            CPU), e.g. a ``FlowMatchEulerDiscreteScheduler``'s ``sigmas`` after ``set_timesteps``.
+        stochastic: flow_euler's stochastic sampling (re-noising x0 with fresh noise each step, diffusers'
+            ``stochastic_sampling``), drawn with ``generator``.
+        guidance_rescale: flow_euler's std rescale of the guided velocity (diffusers' ``rescale_noise_cfg``; needs
+            ``guidance_scale``).
+        **step_options: passed to the step (none for flow_euler): DDIM ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
             ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``, ``use_clipped_model_output``,
             ``final_alpha_cumprod``; DDPM ``variance_type`` and the same x0 options. Defaults are the ops'.
 
@@ -106,6 +125,14 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
     loop runs under ``torch.no_grad()``. Setting up a capture synchronises the device once (CUDA graphs require
     it); the replays do not.
     """
+    if method == "flow_euler":
+        return _sample_flow(model_fn, x_T, alphas_cumprod, timesteps, sigmas, eta=eta, guidance_scale=guidance_scale,
+                            guidance_rescale=guidance_rescale, stochastic=stochastic, generator=generator,
+                            capture=capture, backend=backend, prev_timesteps=prev_timesteps,
+                            step_options=step_options)
+    if sigmas is not None or stochastic or guidance_rescale != 0:
+        raise ValueError(f"sigmas, stochastic and guidance_rescale are options of method='flow_euler', "
+                         f"not of method={method!r}")
     _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
               prev_timesteps, step_options)
     device = x_T.device
@@ -122,42 +149,113 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, t
     eta = float(eta)
 
     def step(x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
-        model_in = torch.cat([x, x]) if guided else x
-        out = model_fn(model_in, t)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model_fn must return a torch.Tensor, got {type(out).__name__}"
-                            " (for a diffusers model use lambda x, t: unet(x, t).sample)")
+        out = _model_output(model_fn, x, t, guided)
         if method == "ddim":
             return ddim_step(out, t, x, table, prev_timestep=prev, eta=eta, generator=gen, guidance_scale=guidance,
                              backend=backend, **step_options).prev_sample
         return ddpm_step(out, t, x, table, prev_timestep=prev, generator=gen, guidance_scale=guidance,
                          backend=backend, **step_options).prev_sample
 
+    return _run_loop(step, x_T, (ts, prevs), generator, capture)
+
+
+def _model_output(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+    """``model_fn`` on ``x`` (twice over, ``cat([x, x])``, with guidance), its output checked to be a tensor."""
+    out = model_fn(torch.cat([x, x]) if guided else x, t)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model_fn must return a torch.Tensor, got {type(out).__name__}"
+                        " (for a diffusers model use lambda x, t: unet(x, t).sample)")
+    return out
+
+
+def _run_loop(step, x_T: torch.Tensor, schedule: Tuple[torch.Tensor, ...], generator: Optional[torch.Generator],
+              capture: bool) -> torch.Tensor:
+    """``x = step(x, *(s[i] for s in schedule), generator)`` for every i, eagerly or as a CUDA graph; the schedule's
+    tensors are on ``x_T``'s device and of one length."""
     if capture:
-        return _sample_captured(step, x_T, ts, prevs, generator)
+        return _sample_captured(step, x_T, schedule, generator)
     x = x_T
-    for i in range(ts.numel()):
+    for i in range(schedule[0].numel()):
         # Indexing with a Python int is a view of the device tensor: no transfer, no sync.
-        x = step(x, ts[i], prevs[i], generator)
+        x = step(x, *(s[i] for s in schedule), generator)
     return x
 
 
-def _sample_captured(step, x_T: torch.Tensor, ts: torch.Tensor, prevs: torch.Tensor,
+def _sample_flow(model_fn, x_T, alphas_cumprod, timesteps, sigmas, *, eta, guidance_scale, guidance_rescale,
+                 stochastic, generator, capture, backend, prev_timesteps, step_options) -> torch.Tensor:
+    """``sample(method="flow_euler")``: validation, then the loop over (t_i, sigmas[i], sigmas[i + 1])."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    C.check_tensor("x_T", x_T)
+    device = x_T.device
+    if alphas_cumprod is not None or prev_timesteps is not None:
+        raise ValueError("method='flow_euler' steps along sigmas: alphas_cumprod and prev_timesteps must be None")
+    if step_options:
+        raise TypeError(f"unexpected step option(s) {sorted(step_options)} for method='flow_euler'")
+    C.check_float("eta", eta, low=0.0)
+    if eta != 0:
+        raise ValueError(f"eta applies to method='ddim' only; method='flow_euler' got eta={eta} "
+                         "(its stochastic sampling is stochastic=True)")
+    if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
+        raise TypeError("method='flow_euler' needs sigmas, a 1-D floating-point torch.Tensor of n + 1 noise levels")
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries (n steps need n + 1), got shape "
+                         f"{tuple(sigmas.shape)}")
+    if sigmas.device.type != "cpu" and sigmas.device != device:
+        raise ValueError(f"sigmas must be on the CPU or on x_T's device {device}, got {sigmas.device}")
+    if sigmas.device.type == "cpu":
+        bad = ~(torch.isfinite(sigmas) & (sigmas >= 0) & (sigmas <= 1))
+        if bool(bad.any()):
+            raise ValueError(f"sigmas must be finite and in [0, 1], got {sigmas.tolist()}")
+    steps = sigmas.numel() - 1
+    if timesteps is not None:
+        if not isinstance(timesteps, torch.Tensor) or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            raise TypeError("timesteps must be a 1-D real torch.Tensor (the model's time input per step) or None")
+        if tuple(timesteps.shape) != (steps,):
+            raise ValueError(f"timesteps must have shape ({steps},), one per step of sigmas, got "
+                             f"{tuple(timesteps.shape)}")
+    guided = guidance_scale is not None
+    if guided:
+        guidance_scale = C.check_float("guidance_scale", guidance_scale)
+    guidance_rescale = C.check_float("guidance_rescale", guidance_rescale, low=0.0)
+    if guidance_rescale != 0 and not guided:
+        raise ValueError("guidance_rescale rescales the guided velocity and needs guidance_scale")
+    C.check_bool("stochastic", stochastic)
+    C.check_generator(generator, noise=None)
+    C.check_bool("capture", capture)
+    backends.resolve("flow_match_step", backend, device)
+    if capture:
+        _check_capturable(x_T, generator)
+    dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+    levels = sigmas.to(device=device, dtype=dtype)
+    model_times = levels[:-1] if timesteps is None else timesteps.to(device)
+
+    def step(x, t, sigma, sigma_next, gen):
+        out = _model_output(model_fn, x, t, guided)
+        return flow_match_step(out, x, sigma, sigma_next, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, stochastic=stochastic, generator=gen,
+                               backend=backend).prev_sample
+
+    return _run_loop(step, x_T, (model_times, levels[:-1], levels[1:]), generator, capture)
+
+
+def _sample_captured(step, x_T: torch.Tensor, schedule: Tuple[torch.Tensor, ...],
                      generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Captures one step that reads its timestep through a device counter and advances it, then replays it
-    ``len(ts)`` times. ``static_x`` (allocated outside the graph's pool, so safe to return) is the graph's
-    input and output."""
+    """Captures one step that reads its schedule entries (each ``schedule`` tensor at the step index) through a
+    device counter and advances it, then replays it once per entry. ``static_x`` (allocated outside the graph's
+    pool, so safe to return) is the graph's input and output."""
     device = x_T.device
     default_gen = torch.cuda.default_generators[device.index]
     gen = default_gen if generator is None else generator
     static_x = x_T.clone()
     counter = torch.zeros(1, dtype=torch.int64, device=device)
 
+    steps = schedule[0].numel()
+
     def body(step_gen: torch.Generator) -> None:
         # index_select with a device index: a gather kernel, capturable (unlike reading the index on the host).
-        t = ts.index_select(0, counter).reshape(())
-        prev = prevs.index_select(0, counter).reshape(())
-        static_x.copy_(step(static_x, t, prev, step_gen))
+        entries = [s.index_select(0, counter).reshape(()) for s in schedule]
+        static_x.copy_(step(static_x, *entries, step_gen))
         counter.add_(1)
 
     with torch.no_grad():
@@ -166,7 +264,7 @@ def _sample_captured(step, x_T: torch.Tensor, ts: torch.Tensor, prevs: torch.Ten
         with torch.cuda.stream(side):
             # A clone draws the same numbers without advancing the caller's generator.
             warm_gen = gen.clone_state()
-            for _ in range(min(_CAPTURE_WARMUP_RUNS, ts.numel())):
+            for _ in range(min(_CAPTURE_WARMUP_RUNS, steps)):
                 body(warm_gen)
         torch.cuda.current_stream(device).wait_stream(side)
 
@@ -180,7 +278,7 @@ def _sample_captured(step, x_T: torch.Tensor, ts: torch.Tensor, prevs: torch.Ten
         # Capturing records the kernels without running them; undo the warm-up runs' effect on the buffers.
         static_x.copy_(x_T)
         counter.zero_()
-        for _ in range(ts.numel()):
+        for _ in range(steps):
             graph.replay()
     return static_x
 
@@ -229,11 +327,15 @@ def _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_sc
                         f"accepted: {STEP_OPTIONS[method]}")
     backends.resolve(f"{method}_step", backend, x_T.device)
     if capture:
-        if x_T.device.type != "cuda":
-            raise ValueError(f"capture=True records a CUDA graph and needs CUDA tensors; x_T is on {x_T.device}")
-        if generator is not None and not _same_cuda_device(generator.device, x_T.device):
-            raise ValueError(f"capture=True draws noise inside the graph and needs a generator on x_T's device "
-                             f"{x_T.device}, got one on {generator.device}")
+        _check_capturable(x_T, generator)
+
+
+def _check_capturable(x_T: torch.Tensor, generator: Optional[torch.Generator]) -> None:
+    if x_T.device.type != "cuda":
+        raise ValueError(f"capture=True records a CUDA graph and needs CUDA tensors; x_T is on {x_T.device}")
+    if generator is not None and not _same_cuda_device(generator.device, x_T.device):
+        raise ValueError(f"capture=True draws noise inside the graph and needs a generator on x_T's device "
+                         f"{x_T.device}, got one on {generator.device}")
 
 
 def _same_cuda_device(a: torch.device, b: torch.device) -> bool:
