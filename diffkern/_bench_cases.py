@@ -11,10 +11,11 @@ A *case* is one op on one shape, dtype and memory layout. Each case runs under s
 - the diffkern backends ``reference``, ``triton`` and ``cuda``, each through the public op with ``backend=...``
   (validation and dispatch included: that is what a caller pays);
 - the baselines a user would otherwise run: ``eager`` (plain PyTorch written the usual way: diffusers' step
-  arithmetic on device tensors, ``F.silu(F.group_norm(x))``), ``compile`` (``torch.compile`` of that same eager
-  function, default mode) and ``diffusers`` (``DDIMScheduler.step``, ``DDPMScheduler.step``,
-  ``DDPMScheduler.add_noise``). GroupNorm+SiLU has no diffusers baseline: diffusers runs ``nn.GroupNorm`` and then
-  ``nn.SiLU``, which is exactly ``eager``.
+  arithmetic on device tensors, after the pipelines' guidance for the guided cases, ``F.silu(F.group_norm(x))``),
+  ``compile`` (``torch.compile`` of that same eager function, default mode) and ``diffusers`` (``DDIMScheduler.step``,
+  ``DDPMScheduler.step``, ``DDPMScheduler.add_noise``, the pipelines' guidance + ``rescale_noise_cfg`` and
+  ``FlowMatchEulerDiscreteScheduler.step``). GroupNorm+SiLU has no diffusers baseline: diffusers runs
+  ``nn.GroupNorm`` and then ``nn.SiLU``, which is exactly ``eager``.
 
 Byte model: each op's :class:`ByteModel` in :data:`OPS`, the one definition of the bytes behind every GB/s figure
 (BENCHMARKS.md points here; the command line prints each case's formula, the JSON carries it as ``byte_model``).
@@ -47,6 +48,10 @@ STEP_T = 501
 DDIM_PREV_T = STEP_T - SD_SCHEDULER["num_train_timesteps"] // INFERENCE_STEPS
 DDPM_PREV_T = STEP_T - 1
 GUIDANCE_SCALE = 7.5
+# A flow-matching step in the middle of a 28-step SD3 schedule (shift 3): sigma 0.7 -> 0.68 (their float32 values).
+FLOW_SIGMA, FLOW_SIGMA_NEXT = 0.7, 0.68
+FLOW_GUIDANCE_SCALE = 7.0
+FLOW_GUIDANCE_RESCALE = 0.7
 GN_GROUPS = 32
 GN_EPS = 1e-5
 
@@ -92,6 +97,25 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
                      lambda E, s, N, C: 5 * E * s), BASELINES,
            note="DDPMScheduler.step has no argument for the noise, so the diffusers time includes drawing it "
                 "(one extra randn kernel); its output is not compared"),
+    OpSpec("flow_match_step", "flow", f"flow-matching Euler step, sigma {FLOW_SIGMA} -> {FLOW_SIGMA_NEXT} (SD3, FLUX, "
+                                      "Wan), 0-d device sigmas",
+           ByteModel("4 E s", "read model_output and sample; write prev_sample and pred_original_sample",
+                     lambda E, s, N, C: 4 * E * s), BASELINES,
+           note="FlowMatchEulerDiscreteScheduler.step returns prev_sample only (no x0): one write less"),
+    OpSpec("flow_match_step_cfg", "flow", f"flow-matching Euler step with classifier-free guidance (scale "
+                                          f"{FLOW_GUIDANCE_SCALE})",
+           ByteModel("5 E s", "read model_output (2N samples: 2 E) and sample; write prev_sample and "
+                              "pred_original_sample", lambda E, s, N, C: 5 * E * s), BASELINES,
+           note="the diffusers baseline is the pipelines' guidance then FlowMatchEulerDiscreteScheduler.step, which "
+                "returns prev_sample only"),
+    OpSpec("flow_match_step_cfg_rescale", "flow",
+           f"flow-matching Euler step with guidance (scale {FLOW_GUIDANCE_SCALE}) and guidance_rescale "
+           f"{FLOW_GUIDANCE_RESCALE} (per-sample std of cond and of the guided velocity)",
+           ByteModel("7 E s", "read model_output twice (the statistics pass and the step: 4 E) and sample; write "
+                              "prev_sample and pred_original_sample (the two-pass minimum when a sample does not fit "
+                              "on chip)", lambda E, s, N, C: 7 * E * s), BASELINES,
+           note="the diffusers baseline is the pipelines' guidance and rescale_noise_cfg, then "
+                "FlowMatchEulerDiscreteScheduler.step, which returns prev_sample only"),
     OpSpec("group_norm_silu", "group_norm", f"silu(group_norm(x)), {GN_GROUPS} groups, affine, inference (no grad)",
            ByteModel("2 E s + 2 C s", "read x, weight and bias; write y", lambda E, s, N, C: 2 * E * s + 2 * C * s),
            ("eager", "compile")),
@@ -134,6 +158,16 @@ GN_SHAPES: Tuple[ShapeSet, ...] = tuple(
     ShapeSet("cpu-small", (2, 64, 16, 16), "cpu", quick=True),
 )
 GN_LAYOUTS = ("nchw", "channels_last")
+
+# Flow-matching latents: SD3/FLUX at 1024 px as a [1, 16, 128, 128] latent and as FLUX's packed [1, 4096, 64]
+# tokens, and Wan 2.1's 480p, 81-frame video latent [1, 16, 21, 60, 104] (2.1M elements).
+FLOW_SHAPES: Tuple[ShapeSet, ...] = (
+    ShapeSet("sd3-1024", (1, 16, 128, 128), "gpu", quick=True),
+    ShapeSet("flux-packed-1024", (1, 4096, 64), "gpu"),
+    ShapeSet("wan-480p-81f", (1, 16, 21, 60, 104), "gpu", quick=True),
+    ShapeSet("cpu-small", (1, 16, 32, 32), "cpu", quick=True),
+)
+SHAPES_BY_FAMILY = {"step": STEP_SHAPES, "flow": FLOW_SHAPES, "group_norm": GN_SHAPES}
 
 
 @dataclass(frozen=True)
@@ -187,8 +221,8 @@ def make_cases(*, ops: Optional[Sequence[str]] = None, dtypes: Optional[Sequence
     cases = []
     for op in ops:
         family = OPS[op].family
-        shape_sets = STEP_SHAPES if family == "step" else GN_SHAPES
-        layouts = ("nchw",) if family == "step" else GN_LAYOUTS
+        shape_sets = SHAPES_BY_FAMILY[family]
+        layouts = GN_LAYOUTS if family == "group_norm" else ("nchw",)
         for shape_set in shape_sets:
             if (where is not None and shape_set.where != where) or (quick and not shape_set.quick):
                 continue
@@ -293,6 +327,13 @@ def build_workload(case: Case, device, seed: int = 0) -> Workload:
                       "sample": _random(shape, dtype, device, gen)}
             if case.op in ("ddim_step_cfg", "ddpm_step"):
                 inputs["noise"] = _random(shape, dtype, device, gen)
+    elif case.spec.family == "flow":
+        # 0-d device tensors, as indexing a scheduler's ``sigmas`` on the device yields them.
+        shared["sigma"] = torch.tensor(FLOW_SIGMA, device=device)
+        shared["sigma_next"] = torch.tensor(FLOW_SIGMA_NEXT, device=device)
+        batch = shape[0] if case.op == "flow_match_step" else 2 * shape[0]
+        inputs = {"model_output": _random((batch,) + shape[1:], dtype, device, gen),
+                  "sample": _random(shape, dtype, device, gen)}
     else:
         channels = shape[1]
         grad = case.op == "group_norm_silu_fwd_bwd"
@@ -352,6 +393,30 @@ def eager_ddpm_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.T
     return prev + variance ** 0.5 * noise, x0
 
 
+def guided_rescaled(model_output: torch.Tensor, guidance_scale: float, guidance_rescale: float) -> torch.Tensor:
+    """The pipelines' guidance and, when ``guidance_rescale`` > 0, their ``rescale_noise_cfg``, in the model output's
+    dtype."""
+    uncond, cond = model_output.chunk(2)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale > 0:
+        dims = list(range(1, guided.ndim))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    return guided
+
+
+def eager_flow_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                    guidance_scale: Optional[float] = None,
+                    guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' step arithmetic (the sample upcast to float32, the result in the model output's dtype) after the
+    pipelines' guidance, plus x0 = x - sigma v."""
+    if guidance_scale is not None:
+        model_output = guided_rescaled(model_output, guidance_scale, guidance_rescale)
+    x = sample.float()
+    prev = (x + (sigma_next - sigma) * model_output).to(model_output.dtype)
+    return prev, (x - sigma * model_output).to(model_output.dtype)
+
+
 def eager_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.silu(F.group_norm(x, GN_GROUPS, weight, bias, GN_EPS))
 
@@ -395,6 +460,12 @@ def _diffkern_impl(case: Case, shared: Dict[str, Any], backend: str) -> ImplFn:
                                                   prev_timestep=shared["t_prev"], noise=s["noise"],
                                                   clip_sample=False, backend=backend))
 
+    if case.spec.family == "flow":
+        sigma, sigma_next = shared["sigma"], shared["sigma_next"]
+        options = _flow_options(op)
+        return lambda s: tuple(diffkern.flow_match_step(s["model_output"], s["sample"], sigma, sigma_next,
+                                                        backend=backend, **options))
+
     def fn(x, weight, bias):
         return diffkern.group_norm_silu(x, GN_GROUPS, weight, bias, GN_EPS, backend=backend)
 
@@ -416,8 +487,22 @@ def _group_norm_impl(case: Case, shared: Dict[str, Any], fn: Callable) -> ImplFn
     return forward_backward
 
 
+def _flow_options(op: str) -> Dict[str, Any]:
+    """The guidance options of a flow case."""
+    if op == "flow_match_step":
+        return {}
+    rescale = FLOW_GUIDANCE_RESCALE if op == "flow_match_step_cfg_rescale" else 0.0
+    return dict(guidance_scale=FLOW_GUIDANCE_SCALE, guidance_rescale=rescale)
+
+
 def _baseline_impl(case: Case, shared: Dict[str, Any], compiled: bool) -> ImplFn:
     op, table = case.op, shared.get("table")
+    if case.spec.family == "flow":
+        if compiled:
+            torch._dynamo.reset()  # see below
+        fn = torch.compile(eager_flow_step, dynamic=False) if compiled else eager_flow_step
+        options = _flow_options(op)
+        return lambda s: fn(s["model_output"], s["sample"], shared["sigma"], shared["sigma_next"], **options)
     eager = {"add_noise": eager_add_noise, "ddim_step": eager_ddim_step, "ddim_step_cfg": eager_ddim_step,
              "ddpm_step": eager_ddpm_step, "group_norm_silu": eager_group_norm_silu,
              "group_norm_silu_fwd_bwd": eager_group_norm_silu}[op]
@@ -442,6 +527,8 @@ def _baseline_impl(case: Case, shared: Dict[str, Any], compiled: bool) -> ImplFn
 
 
 def _diffusers_impl(case: Case, shared: Dict[str, Any], device: torch.device) -> ImplFn:
+    if case.spec.family == "flow":
+        return _diffusers_flow_impl(case, shared, device)
     from diffusers import DDIMScheduler, DDPMScheduler
 
     op, t = case.op, shared["t"]
@@ -465,6 +552,25 @@ def _diffusers_impl(case: Case, shared: Dict[str, Any], device: torch.device) ->
         scheduler = DDPMScheduler(**SD_SCHEDULER, variance_type="fixed_small")
         return lambda s: scheduler.step(s["model_output"], t, s["sample"], return_dict=False)
     raise ValueError(f"no diffusers baseline for {op}")
+
+
+def _diffusers_flow_impl(case: Case, shared: Dict[str, Any], device: torch.device) -> ImplFn:
+    """The pipelines' guidance (and rescale) and ``FlowMatchEulerDiscreteScheduler.step`` at the case's sigmas, the
+    step index set as a pipeline with ``set_begin_index`` has it (no index search)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()  # shift 1: the given sigmas as they are
+    scheduler.set_timesteps(sigmas=[FLOW_SIGMA, FLOW_SIGMA_NEXT], device=device)
+    t = scheduler.timesteps[0]
+    options = _flow_options(case.op)
+
+    def step(s):
+        model_output = s["model_output"]
+        if options:
+            model_output = guided_rescaled(model_output, options["guidance_scale"], options["guidance_rescale"])
+        scheduler._step_index = 0
+        return scheduler.step(model_output, t, s["sample"], return_dict=False)
+    return step
 
 
 def compares_with_reference(case: Case, impl: str) -> bool:
