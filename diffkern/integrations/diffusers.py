@@ -5,6 +5,11 @@ Swapping the scheduler of a pipeline is the whole change::
     from diffkern.integrations.diffusers import FusedDDIMScheduler
     pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
 
+``FusedFlowMatchEulerDiscreteScheduler`` (flow matching: SD3, FLUX, Wan, LTX) is at the end of this module; its
+docstring says what it keeps of ``FlowMatchEulerDiscreteScheduler`` and where it deliberately differs (among them
+diffusers' ``per_token_timesteps`` branch, whose stochastic step takes the wrong sign of x0). What follows is about
+the DDIM and DDPM ones.
+
 ``FusedDDIMScheduler`` and ``FusedDDPMScheduler`` subclass ``DDIMScheduler`` and ``DDPMScheduler``: the same
 config (it round-trips both ways through ``from_config``, ``save_config`` and ``from_pretrained``), the same
 ``set_timesteps``, ``scale_model_input`` and ``timesteps``, and ``step``/``add_noise`` with the parents'
