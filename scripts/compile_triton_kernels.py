@@ -161,6 +161,23 @@ def step_cases(dtype: torch.dtype):
                                                                    noise=randn(batch, *shape), backend="triton",
                                                                    **options))
 
+    # The flow-matching family: deterministic and stochastic steps, guidance with and without its rescale
+    # (the moments and rescale-factor passes), per-sample sigmas, and the training-side noising.
+    sigmas = torch.tensor([0.7, 0.3])
+    for stochastic in (False, True):
+        for guided, rescale in ((False, 0.0), (True, 0.0), (True, 0.7)):
+            out = randn(2 * batch if guided else batch, *shape)
+            yield (f"flow step stochastic={stochastic} guided={guided} rescale={rescale}",
+                   lambda out=out, stochastic=stochastic, guided=guided, rescale=rescale: diffkern.flow_match_step(
+                       out, x, 0.7, 0.6, guidance_scale=4.0 if guided else None, guidance_rescale=rescale,
+                       stochastic=stochastic, noise=randn(batch, *shape) if stochastic else None,
+                       backend="triton"))
+    yield "flow step per-sample sigmas", lambda: diffkern.flow_match_step(randn(batch, *shape), x, sigmas,
+                                                                          sigmas - 0.1, backend="triton")
+    yield "flow_add_noise", lambda: diffkern.flow_add_noise(x, randn(batch, *shape), 0.4, backend="triton")
+    yield "flow_add_noise per-sample", lambda: diffkern.flow_add_noise(x, randn(batch, *shape), sigmas,
+                                                                       backend="triton")
+
 
 def group_norm_cases(dtype: torch.dtype):
     """Forward and backward in every regime, both layouts, with and without affine, one 64-bit-offset plan."""

@@ -196,8 +196,8 @@ def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
 
 
 def test_a_host_timestep_reaches_the_reference_as_a_python_int(monkeypatch):
-    """No fill kernel for a host timestep: the reference takes it as a number (the Triton and CUDA kernels
-    still read timesteps from memory, see ``_common.SCALAR_TIMESTEP_BACKENDS``)."""
+    """No fill kernel for a host timestep: the backends take it as a number (``_common.SCALAR_TIMESTEP_BACKENDS``;
+    the op test files compare int and tensor timesteps bit for bit on every backend)."""
     x, eps = _inputs()
     seen = []
     reference = ddim_module.ddim_step_reference

@@ -751,9 +751,10 @@ def eager_direct(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
-# The backends whose implementations take a host timestep as a python int. The Triton and CUDA kernels still read
-# timesteps from memory: for them a python int becomes a one-element tensor (a fill kernel; no sync).
-SCALAR_TIMESTEP_BACKENDS = ("reference",)
+# The backends whose implementations take a host timestep as a python int (every one: the Triton and CUDA kernels
+# take it as a scalar argument, so a step launches no fill kernel). A backend missing here would get a one-element
+# tensor instead (a fill kernel; no sync).
+SCALAR_TIMESTEP_BACKENDS = ("reference", "triton", "cuda")
 
 
 def kernel_timesteps(timesteps: TimestepLike, device: torch.device, backend: str) -> TimestepLike:
