@@ -119,10 +119,11 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # option of the op files' case matrices on both fast backends (the GPU-only full option product, whose ids
 # carry "guided", is left to the suite), gradcheck on every backend, the sampler loop captured in a CUDA graph
 # against the eager one, no host sync in a device-timestep loop, and the tensors past 2^31 elements.
-# test_cuda_backend's parameter ids are pytest's defaults (case4 = (2, 320, 16x16, 32 groups), dtype1 = fp16).
+# GroupNorm: the case matrix's SD UNet shapes ("sd-" ids, GPU-only cases) and the main regime case in fp16, on
+# both fast backends.
 CORRECTNESS_FILES = ("tests/test_sampling.py", "tests/test_api.py", "tests/test_cuda_large.py",
                      "tests/test_add_noise.py", "tests/test_ddim_step.py", "tests/test_ddpm_step.py",
-                     "tests/test_hard_edges.py", "tests/test_cuda_backend.py", "tests/test_triton_group_norm_silu.py")
+                     "tests/test_hard_edges.py", "tests/test_cuda_backend.py", "tests/test_group_norm_silu.py")
 CORRECTNESS_K = " or ".join([
     "test_sampling",
     "test_device_timesteps_cause_no_host_sync",
@@ -130,19 +131,17 @@ CORRECTNESS_K = " or ".join([
     "past_int32 or beyond_32_bit or past_2_to_the_31",
     "((test_add_noise or test_ddim_step or test_ddpm_step) and (triton or cuda) and not guided)",
     "(test_hard_edges and gradcheck)",
-    "(test_cuda_backend and (test_group_norm_silu_diffusion_shapes"
-    " or (test_group_norm_silu_regimes and dtype1) or (test_group_norm_silu_forward_backward and case4)"
-    " or test_cuda_graph_capture or test_torch_compile_fullgraph or test_fake_kernels or test_runs_on_the_current"
-    " or test_float64))",
-    "(test_triton_group_norm_silu and (test_matches_reference or test_module_matches"
-    " or test_plan_for_stable_diffusion_shapes))",
+    "(test_cuda_backend and (test_cuda_graph_capture or test_torch_compile_fullgraph or test_fake_kernels"
+    " or test_runs_on_the_current))",
+    "(test_group_norm_silu and ((test_matches_reference and sd-) or (test_regimes_match_reference and c12-s20-g4"
+    " and float16) or test_module_matches or test_float64 or test_triton_plan_for_stable_diffusion_shapes))",
 ])
 # The suite: every test file but this script's own dry-run test (CI's), the GPU-heavy ones first (the suite is
 # what the budget has left; the CPU-only build and emulation tests come last).
 SUITE_EXCLUDE = ("tests/test_gpu_session.py",)
 SUITE_FIRST = ("tests/test_cuda_backend.py", "tests/test_cuda_large.py", "tests/test_add_noise.py",
-               "tests/test_ddim_step.py", "tests/test_ddpm_step.py", "tests/test_triton_group_norm_silu.py", "tests/test_sampling.py", "tests/test_api.py",
-               "tests/test_integrations.py")
+               "tests/test_ddim_step.py", "tests/test_ddpm_step.py", "tests/test_group_norm_silu.py",
+               "tests/test_sampling.py", "tests/test_api.py", "tests/test_integrations.py")
 # The dry run: a few tests of one small, fast file, and the rest of that file as the suite.
 DRY_FILES = ("tests/test_testing.py",)
 DRY_K = "fails"

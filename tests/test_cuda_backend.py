@@ -1,7 +1,6 @@
 """The CUDA C++ extension (the ``cuda`` backend, ``csrc/``): what only a GPU shows (streams, CUDA graphs, compile,
-fake kernels against real outputs), and GroupNorm+SiLU's cases and regimes (the raw ops' ``split`` argument),
-which are not yet merged into a ``tests/test_group_norm_silu.py``. The steps' cases are in their op test files
-(``tests/test_<op>.py``), where ``cuda`` is one of the backends.
+fake kernels against real outputs). The ops' cases are in their op test files (``tests/test_<op>.py``,
+GroupNorm's regimes included), where ``cuda`` is one of the backends.
 
 GPU tests compare the cuda backend with the reference on the same random inputs (fresh each run, see
 ``conftest``) through the tolerance table of ``diffkern.testing``. They skip, with the reason, when no CUDA
@@ -23,15 +22,12 @@ import pytest
 import torch
 
 import diffkern
-from _helpers import (check_large_mean_forward, check_param_grads, group_norm_silu_param_grad_sums, in_layout,
-                      same_layout)
 from _helpers import run_both as run_both_backends
 from diffkern import _cuda_ops, backends
-from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
+from diffkern.ops.group_norm_silu import group_norm_silu_forward_reference
 from diffkern.schedules import NoiseSchedule
 from diffkern.testing import assert_close
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_TRAIN = 1000
 CUDA = torch.device("cuda")
 
@@ -73,131 +69,6 @@ def nhwc_3d(t: torch.Tensor) -> torch.Tensor:
 def run_both(op, *args, **kwargs):
     """``op`` on the cuda backend and on the reference, compared (``_helpers.run_both``); returns cuda's result."""
     return run_both_backends(op, "cuda", *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# GroupNorm + SiLU
-
-GN_CASES = [  # (N, C, spatial, G)
-    (2, 12, (5, 4), 4),
-    (3, 6, (7,), 3),
-    (2, 8, (1, 1), 8),
-    (1, 64, (8, 8), 32),
-    (2, 320, (16, 16), 32),
-    (4, 40, (3, 5), 5),
-    (2, 16, (4, 4, 3), 4),
-]
-
-
-def gn_input(draw, n, c, spatial, dtype, layout, **kwargs):
-    return in_layout(draw(n, c, *spatial, dtype=dtype, **kwargs), layout == "channels_last")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GN_CASES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
-def test_group_norm_silu_forward_backward(cuda_backend, draw, dtype, case, layout, affine):
-    n, c, spatial, groups = case
-    if layout == "channels_last" and len(spatial) not in (2, 3):
-        pytest.skip("channels_last needs 4-D or 5-D input")
-    x_data = gn_input(draw, n, c, spatial, dtype, layout, scale=2.0, shift=0.5)
-    weight_data = draw(c) if affine in ("both", "weight") else None
-    bias_data = draw(c) if affine in ("both", "bias") else None
-    grad = gn_input(draw, n, c, spatial, dtype, layout)
-    results = {}
-    for backend in ("cuda", "reference"):
-        x = x_data.clone().requires_grad_(True)
-        weight = None if weight_data is None else weight_data.clone().requires_grad_(True)
-        bias = None if bias_data is None else bias_data.clone().requires_grad_(True)
-        y = diffkern.group_norm_silu(x, groups, weight, bias, 1e-5, backend=backend)
-        assert backends.last_backend("group_norm_silu") == backend
-        y.backward(grad)
-        results[backend] = (y.detach(), x.grad, None if weight is None else weight.grad,
-                            None if bias is None else bias.grad)
-    (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref) = results["cuda"], results["reference"]
-    assert same_layout(y, x_data) and same_layout(dx, x_data)
-    assert_close(y, y_ref, msg="y")
-    assert_close(dx, dx_ref, msg="dx")
-    check_param_grads(dict(dweight=dw, dbias=db), dict(dweight=dw_ref, dbias=db_ref),
-                      group_norm_silu_param_grad_sums(grad, x_data, weight_data, bias_data, groups, 1e-5))
-
-
-def _gn_direct(x3, weight, bias, groups, split, grad3):
-    y, mean, rstd = torch.ops.diffkern.group_norm_silu_fwd_cuda(x3, weight, bias, groups, 1e-5, split)
-    dx, dweight, dbias = torch.ops.diffkern.group_norm_silu_bwd_cuda(grad3, x3, weight, bias, mean, rstd, groups,
-                                                                      split)
-    return y, mean, rstd, dx, dweight, dbias
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("split", [0, -1, 1, 2, 3, 7])
-@pytest.mark.parametrize("case", [(2, 12, 20, 4), (1, 40, 64, 4), (3, 6, 7, 3), (2, 1040, 6, 8), (2, 301, 5, 7)])
-def test_group_norm_silu_regimes(cuda_backend, draw, dtype, layout, split, case):
-    """Every kernel path on (N, C, S) views: fused, and split into k slices (more than a group has rows, too)."""
-    n, c, s, groups = case
-    x3 = draw(n, c, s, dtype=dtype, scale=1.5, shift=-0.3)
-    grad3 = draw(n, c, s, dtype=dtype)
-    if layout == "nhwc":
-        x3, grad3 = nhwc_3d(x3), nhwc_3d(grad3)
-    weight, bias = draw(c), draw(c)
-    y, mean, rstd, dx, dweight, dbias = _gn_direct(x3, weight, bias, groups, split, grad3)
-    y_ref, mean_ref, rstd_ref = group_norm_silu_forward_reference(x3, weight, bias, groups, 1e-5)
-    dx_ref, dw_ref, db_ref = group_norm_silu_backward_reference(grad3, x3, weight, bias, mean_ref, rstd_ref, groups)
-    assert same_layout(y, x3) and same_layout(dx, x3)
-    assert_close(mean, mean_ref, msg="mean")
-    assert_close(rstd, rstd_ref, msg="rstd")
-    assert_close(y, y_ref, msg="y")
-    assert_close(dx, dx_ref, msg="dx")
-    check_param_grads(dict(dweight=dweight, dbias=dbias), dict(dweight=dw_ref, dbias=db_ref),
-                      group_norm_silu_param_grad_sums(grad3, x3, weight, bias, groups, 1e-5))
-
-
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("split", [0, -1, 3])
-def test_group_norm_silu_deterministic(cuda_backend, draw, layout, split):
-    """No float atomics: statistics, dx, dweight and dbias are bitwise reproducible."""
-    x3, grad3 = draw(2, 64, 1024, dtype=torch.float16), draw(2, 64, 1024, dtype=torch.float16)
-    if layout == "nhwc":
-        x3, grad3 = nhwc_3d(x3), nhwc_3d(grad3)
-    weight, bias = draw(64), draw(64)
-    first = _gn_direct(x3, weight, bias, 32, split, grad3)
-    for _ in range(3):
-        again = _gn_direct(x3, weight, bias, 32, split, grad3)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("split", [0, -1, 2])
-def test_group_norm_silu_large_mean(cuda_backend, draw, layout, split):
-    """|mean| = 1000 std: the statistics must not cancel (``check_large_mean_forward``)."""
-    x3 = draw(2, 32, 256, shift=1000.0)
-    if layout == "channels_last":
-        x3 = nhwc_3d(x3)
-    y, mean, rstd = torch.ops.diffkern.group_norm_silu_fwd_cuda(x3, None, None, 8, 1e-5, split)
-    check_large_mean_forward(x3, 8, 1e-5, y, mean, rstd)
-
-
-@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_group_norm_silu_parameter_dtypes(cuda_backend, draw, param_dtype):
-    x = draw(2, 16, 9, 9)
-    weight, bias = draw(16, dtype=param_dtype), draw(16, dtype=param_dtype)
-    run_both(diffkern.group_norm_silu, x, 4, weight, bias)
-
-
-@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (16, 320, 32, 32)])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_group_norm_silu_diffusion_shapes(cuda_backend, draw, shape, layout):
-    x = gn_input(draw, shape[0], shape[1], shape[2:], torch.float16, layout)
-    weight, bias = draw(shape[1]), draw(shape[1])
-    run_both(diffkern.group_norm_silu, x, 32, weight, bias)
-
-
-def test_float64_group_norm_silu_runs_the_reference(cuda_backend, draw):
-    x = draw(2, 8, 5, 5, dtype=torch.float64, scale=3.0).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v: diffkern.group_norm_silu(v, 4, backend="cuda"), (x,))
 
 
 # ----------------------------------------------------------------------------------------------------------
