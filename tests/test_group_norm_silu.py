@@ -314,6 +314,15 @@ def test_reference_large_mean_does_not_cancel(randn):
     assert_close(y, F.silu(F.group_norm(x.double(), 2, None, None, EPS)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_one_element_groups_normalise_to_zero(randn, dtype):
+    """A group of one element normalises to exactly 0 (x - mean = 0), so y = silu(bias) rounded once; ATen's
+    fused affine form would leave ~3e-5 there (rstd = 1/sqrt(eps)), which the reference must not take."""
+    x, bias = randn(3, 8, 1, 1, dtype=dtype, scale=3.0), randn(8)
+    y = diffkern.group_norm_silu(x, 8, randn(8), bias, backend="reference")
+    assert torch.equal(y, F.silu(bias).to(dtype).view(1, 8, 1, 1).expand_as(x))
+
+
 def test_module_state_dict_interchangeable_with_group_norm(randn, device):
     norm = nn.GroupNorm(4, 8, device=device)
     with torch.no_grad():
