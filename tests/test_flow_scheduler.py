@@ -1,7 +1,8 @@
 """FusedFlowMatchEulerDiscreteScheduler against diffusers' FlowMatchEulerDiscreteScheduler: whole loops in both modes
 over the schedules of the pipelines (shift, dynamic shifting, custom and inverted sigmas), with and without
 ``set_begin_index``, half precision, ``scale_noise``, ``per_token_timesteps`` (and the sign question of diffusers'
-per-token branch), config round trips, compile, and no host syncs on a GPU.
+per-token branch), config round trips, compile, no host syncs on a GPU, and diffusers' StableDiffusion3Pipeline
+run with it (a tiny random transformer and VAE, prompt embeddings given: no text encoder or download).
 
 ``any_backend`` runs each loop on every backend (see ``conftest``); the reference is diffusers bit for bit in float32.
 """
@@ -235,3 +236,44 @@ def test_device_loop_has_no_host_sync(any_backend, randn, device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x).all()
+
+
+def tiny_sd3_pipeline(scheduler):
+    """diffusers' StableDiffusion3Pipeline around a one-layer random SD3 transformer and a one-block VAE (seeded),
+    with no text encoders: the prompt embeddings are passed in."""
+    pytest.importorskip("transformers", reason="diffusers' SD3 pipeline imports transformers (a test dependency)")
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4, shift_factor=0.0,
+        scaling_factor=1.0).eval()
+    return diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                              tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                              text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.mark.parametrize("config", [dict(shift=3.0), dict(shift=1.0, use_dynamic_shifting=True)],
+                         ids=["shift3", "dynamic_shifting"])
+def test_sd3_pipeline_runs_it_as_diffusers_runs_its_own(gen, config):
+    """The whole pipeline (guidance 5, 4 steps, latents out; with dynamic shifting the pipeline computes mu from
+    the sequence length) with the fused scheduler swapped in gives diffusers' latents bit for bit in float32, and
+    the fused step is what ran."""
+    embeds = [torch.randn(shape, generator=gen) for shape in ((1, 5, 16), (1, 8), (1, 5, 16), (1, 8))]
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    latents = {}
+    for name, scheduler in (("stock", diffusers.FlowMatchEulerDiscreteScheduler(**config)),
+                            ("fused", FusedFlowMatchEulerDiscreteScheduler(**config))):
+        pipeline = tiny_sd3_pipeline(scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        latents[name] = pipeline(
+            prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], negative_prompt_embeds=embeds[2],
+            negative_pooled_prompt_embeds=embeds[3], height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
+            output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+        if name == "fused":
+            assert backends.last_backend("flow_match_step") == "reference"
+    assert latents["fused"].shape == (1, 4, 16, 16)
+    assert torch.equal(latents["fused"], latents["stock"])
