@@ -58,7 +58,8 @@ if len(sys.argv) == 2:
 else:
     arch_list = sys.argv[3] or b.default_arch_list(sys.argv[2])
     archs = re.findall(r"(\d+)\.(\d+a?)(\+PTX)?", arch_list)
-    print(",".join(m + n for m, n, _ in archs), ",".join(m + n for m, n, p in archs if p),
+    # "-" for no PTX: an empty field would shift the fields `read` splits this line into.
+    print(",".join(m + n for m, n, _ in archs), ",".join(m + n for m, n, p in archs if p) or "-",
           b.cuda_runtime_version(sys.argv[2])[0], arch_list)
 EOF
 }
@@ -71,6 +72,7 @@ fi
 
 for toolkit in "${toolkits[@]}"; do
   read -r want_archs want_ptx cuda_major arch_list < <(build_py "$toolkit" "$archs")
+  [[ $want_ptx == - ]] && want_ptx=""
   staging="$(mktemp -d)"
   echo "== building with CUDA_HOME=$toolkit (CUDA $cuda_major; sm: $want_archs; PTX: $want_ptx)"
   start=$SECONDS
