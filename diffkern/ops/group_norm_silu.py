@@ -112,16 +112,22 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
     n, c, s = x.shape
     dtype = compute_dtype(x)
     if x.device.type == "cpu" and dtype == torch.float32:
-        xc = x.to(dtype)
+        # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.)
+        xc = x if x.dtype == dtype else x.to(dtype)
         if xc.stride(1) == 1 and c > 1 and s > 1:
             # channels-last (strides (C*S, 1, C)): the memory of an (N, C, S, 1) channels_last tensor, which
             # ATen's kernel takes without a copy.
             xc = xc.as_strided((n, c, s, 1), (c * s, 1, c, c))
-        z, mean, rstd = torch.native_group_norm(xc, None if weight is None else weight.to(dtype),
-                                                None if bias is None else bias.to(dtype), n, c, s, num_groups, eps)
+        if weight is not None and weight.dtype != dtype:
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        z, mean, rstd = torch.native_group_norm(xc, weight, bias, n, c, s, num_groups, eps)
         ratio = mean * rstd
         if float(ratio.abs_().max()) <= _FUSED_FORM_MAX_MEAN_RSTD:
-            y = F.silu(z, inplace=True).view(n, c, s)
+            y = F.silu(z, inplace=True)
+            if y.dim() != 3:
+                y = y.view(n, c, s)
             return (y if y.dtype == x.dtype else y.to(x.dtype)), mean, rstd
     grouped = x.to(dtype).reshape(n, num_groups, (c // num_groups) * s)
     # Exact two-pass statistics: robust when |mean| >> std, and (unlike torch.var_mean on CPU) fast for
