@@ -9,6 +9,11 @@
 // `x0_only=True` writes the unclipped x0 as float32 [B, n] (pass 1: reads model_output + sample, writes x0),
 // the caller reduces it to the per-sample scale s (torch's kthvalue), and the full step takes s as
 // `threshold_scale` (pass 2). Without thresholding it is a single pass.
+//
+// Guidance rescale (guidance_rescale != 0 with guidance; see guidance_rescale.cuh) needs q = std(cond) /
+// std(guided) per sample first: the stats pass computes it (one more read of the model output, two small launches)
+// and the step reads it. With dynamic thresholding the x0 pass computes q, uses it and returns it as its second
+// output, and the full step takes it as `rescale_factor`: q is computed once per step.
 #include "step.cuh"
 
 namespace diffkern {
@@ -22,9 +27,9 @@ struct DdimScalars {
 };
 
 // The full step (the x0 pass is X0PassOp); its streams are exactly StepStreams'.
-template <bool GUIDED, bool NOISE>
-struct DdimOp : StepStreams<GUIDED, NOISE, false> {
-  using Streams = StepStreams<GUIDED, NOISE, false>;
+template <bool GUIDED, bool NOISE, bool RESCALE>
+struct DdimOp : StepStreams<GUIDED, NOISE, false, RESCALE> {
+  using Streams = StepStreams<GUIDED, NOISE, false, RESCALE>;
 
   DdimScalars p;
 
@@ -35,6 +40,7 @@ struct DdimOp : StepStreams<GUIDED, NOISE, false> {
     float dir;  // sqrt(1 - a_prev - std^2)
     float std_dev;
     float threshold;
+    float q;
   };
 
   __device__ __forceinline__ Coef coef(int64_t b) const {
@@ -50,16 +56,17 @@ struct DdimOp : StepStreams<GUIDED, NOISE, false> {
     c.dir = sqrtf(1.0f - a_prev - std_dev * std_dev);
     c.std_dev = std_dev;
     c.threshold = p.step.threshold(b);
+    c.q = p.step.template rescale_q<RESCALE>(b);
     return c;
   }
 
   __device__ __forceinline__ void apply(const Coef& c, const float (&in)[Streams::kIn], float (&out)[2]) const {
-    auto q = Streams::predict(p.step, in, c.sqrt_a, c.sqrt_b, c.threshold);
-    if (p.use_clipped_model_output) q.eps = (in[Streams::kX] - c.sqrt_a * q.x0) / c.sqrt_b;
-    float prev = c.sqrt_a_prev * q.x0 + c.dir * q.eps;
+    auto r = Streams::predict(p.step, in, c.sqrt_a, c.sqrt_b, c.threshold, c.q);
+    if (p.use_clipped_model_output) r.eps = (in[Streams::kX] - c.sqrt_a * r.x0) / c.sqrt_b;
+    float prev = c.sqrt_a_prev * r.x0 + c.dir * r.eps;
     if constexpr (NOISE) prev = prev + c.std_dev * in[Streams::noise_index()];
     out[0] = prev;
-    out[1] = q.x0;
+    out[1] = r.x0;
   }
 };
 
@@ -72,7 +79,9 @@ std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tens
                                           double final_alpha_cumprod, double eta, int64_t prediction_type,
                                           bool clip_sample, double clip_sample_range,
                                           const std::optional<Tensor>& threshold_scale, bool use_clipped_model_output,
-                                          std::optional<double> guidance_scale, bool x0_only) {
+                                          std::optional<double> guidance_scale, bool x0_only,
+                                          double guidance_rescale, double keep,
+                                          const std::optional<Tensor>& rescale_factor) {
   check_cuda_tensor(sample, "sample");
   check_sample_dtype(sample, "sample");
   STD_TORCH_CHECK(sample.dim() >= 1, "diffkern: sample must have a batch dimension");
@@ -92,27 +101,29 @@ std::tuple<Tensor, Tensor> ddim_step_cuda(const Tensor& model_output, const Tens
   s.final_alpha_cumprod = static_cast<float>(final_alpha_cumprod);
   s.eta = static_cast<float>(eta);
   s.use_clipped_model_output = use_clipped_model_output;
+  const bool rescaled = guided && guidance_rescale != 0.0;
+  const Tensor factor = setup_guidance_rescale(s.step, model_output, sample, batch, rescaled, guidance_rescale, keep,
+                                               rescale_factor);
 
   auto full_step = [&](auto* prev, auto* x0, int64_t n, int64_t mo_n, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(prev)>;
-    auto run = [&](auto guided_c, auto noise_c) {
-      using Op = DdimOp<decltype(guided_c)::value, decltype(noise_c)::value>;
+    auto run = [&](auto guided_c, auto noise_c, auto rescale_c) {
+      using Op = DdimOp<decltype(guided_c)::value, decltype(noise_c)::value, decltype(rescale_c)::value>;
       launch_step("ddim_step", Op{{}, s}, InStreams<T, Op::kIn>{}, model_output, sample, noise, prev, x0, n, mo_n,
                   batch, stream);
     };
     using True = std::true_type;
     using False = std::false_type;
-    if (guided && use_noise) {
-      run(True{}, True{});
+    if (rescaled) {
+      use_noise ? run(True{}, True{}, True{}) : run(True{}, False{}, True{});
     } else if (guided) {
-      run(True{}, False{});
-    } else if (use_noise) {
-      run(False{}, True{});
+      use_noise ? run(True{}, True{}, False{}) : run(True{}, False{}, False{});
     } else {
-      run(False{}, False{});
+      use_noise ? run(False{}, True{}, False{}) : run(False{}, False{}, False{});
     }
   };
-  return run_step("ddim_step", s.step, model_output, sample, batch, guided, x0_only, full_step);
+  return run_step("ddim_step", s.step, model_output, sample, batch, guided, x0_only, full_step,
+                  rescaled ? &factor : nullptr);
 }
 
 }  // namespace diffkern

@@ -8,7 +8,8 @@
 //
 // Learned variance types take a model output of 2C channels, C-contiguous: per sample, the first n elements
 // are the prediction and the next n the predicted variance. Dynamic thresholding runs two passes exactly like
-// the DDIM step (`x0_only`, then the step with `threshold_scale`).
+// the DDIM step (`x0_only`, then the step with `threshold_scale`), and so does the guidance rescale (see ddim.cu;
+// its statistics cover the prediction channels, the first n elements of each model output sample).
 #include "step.cuh"
 
 namespace diffkern {
@@ -30,10 +31,10 @@ struct DdpmScalars {
 
 // The full step (the x0 pass is X0PassOp). Input streams: StepStreams', then [predicted variance
 // (conditional half with guidance)]. LEARNED implies NOISE: the predicted variance only scales the noise.
-template <bool GUIDED, bool NOISE, bool LEARNED>
-struct DdpmOp : StepStreams<GUIDED, NOISE, false> {
+template <bool GUIDED, bool NOISE, bool LEARNED, bool RESCALE>
+struct DdpmOp : StepStreams<GUIDED, NOISE, false, RESCALE> {
   static_assert(!LEARNED || NOISE, "the predicted variance is read only when noise is added");
-  using Streams = StepStreams<GUIDED, NOISE, false>;
+  using Streams = StepStreams<GUIDED, NOISE, false, RESCALE>;
   static constexpr int kIn = Streams::kIn + (LEARNED ? 1 : 0);
   __host__ __device__ static constexpr int var_index() { return Streams::kX + 2; }
 
@@ -48,6 +49,7 @@ struct DdpmOp : StepStreams<GUIDED, NOISE, false> {
     float log_beta;
     float log_v;
     float threshold;
+    float q;
     bool noisy;  // t > 0
   };
 
@@ -77,11 +79,12 @@ struct DdpmOp : StepStreams<GUIDED, NOISE, false> {
     }
     c.std_dev = c.noisy ? std_dev : 0.0f;
     c.threshold = p.step.threshold(b);
+    c.q = p.step.template rescale_q<RESCALE>(b);
     return c;
   }
 
   __device__ __forceinline__ void apply(const Coef& c, const float (&in)[kIn], float (&out)[2]) const {
-    const float x0 = Streams::predict(p.step, in, c.sqrt_a, c.sqrt_b, c.threshold).x0;
+    const float x0 = Streams::predict(p.step, in, c.sqrt_a, c.sqrt_b, c.threshold, c.q).x0;
     float prev = c.x0_coef * x0 + c.x_coef * in[Streams::kX];
     if constexpr (NOISE) {
       float std_dev = c.std_dev;
@@ -112,7 +115,9 @@ std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tens
                                           int64_t variance_type,
                                           int64_t prediction_type, bool clip_sample, double clip_sample_range,
                                           const std::optional<Tensor>& threshold_scale,
-                                          std::optional<double> guidance_scale, bool x0_only) {
+                                          std::optional<double> guidance_scale, bool x0_only,
+                                          double guidance_rescale, double keep,
+                                          const std::optional<Tensor>& rescale_factor) {
   check_cuda_tensor(sample, "sample");
   check_sample_dtype(sample, "sample");
   STD_TORCH_CHECK(sample.dim() >= 2, "diffkern: sample must be [B, C, ...]");
@@ -139,12 +144,15 @@ std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tens
                            host_prev_timestep, prediction_type, clip_sample, clip_sample_range, threshold_scale,
                            guidance_scale, x0_only);
   s.variance_type = static_cast<int>(variance_type);
+  const bool rescaled = guided && guidance_rescale != 0.0;
+  const Tensor factor = setup_guidance_rescale(s.step, model_output, sample, batch, rescaled, guidance_rescale, keep,
+                                               rescale_factor);
 
   auto full_step = [&](auto* prev, auto* x0, int64_t n, int64_t mo_n, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(prev)>;
-    auto run = [&](auto guided_c, auto noise_c, auto learned_c) {
+    auto run = [&](auto guided_c, auto noise_c, auto learned_c, auto rescale_c) {
       constexpr bool kGuided = decltype(guided_c)::value;
-      using Op = DdpmOp<kGuided, decltype(noise_c)::value, decltype(learned_c)::value>;
+      using Op = DdpmOp<kGuided, decltype(noise_c)::value, decltype(learned_c)::value, decltype(rescale_c)::value>;
       InStreams<T, Op::kIn> in{};
       if constexpr (decltype(learned_c)::value) {
         // The variance channels follow the prediction channels; with guidance they come from the conditional
@@ -157,17 +165,22 @@ std::tuple<Tensor, Tensor> ddpm_step_cuda(const Tensor& model_output, const Tens
     };
     using True = std::true_type;
     using False = std::false_type;
-    if (guided) {
-      if (!use_noise) run(True{}, False{}, False{});
-      else if (learned) run(True{}, True{}, True{});
-      else run(True{}, True{}, False{});
+    if (rescaled) {
+      if (!use_noise) run(True{}, False{}, False{}, True{});
+      else if (learned) run(True{}, True{}, True{}, True{});
+      else run(True{}, True{}, False{}, True{});
+    } else if (guided) {
+      if (!use_noise) run(True{}, False{}, False{}, False{});
+      else if (learned) run(True{}, True{}, True{}, False{});
+      else run(True{}, True{}, False{}, False{});
     } else {
-      if (!use_noise) run(False{}, False{}, False{});
-      else if (learned) run(False{}, True{}, True{});
-      else run(False{}, True{}, False{});
+      if (!use_noise) run(False{}, False{}, False{}, False{});
+      else if (learned) run(False{}, True{}, True{}, False{});
+      else run(False{}, True{}, False{}, False{});
     }
   };
-  return run_step("ddpm_step", s.step, model_output, sample, batch, guided, x0_only, full_step);
+  return run_step("ddpm_step", s.step, model_output, sample, batch, guided, x0_only, full_step,
+                  rescaled ? &factor : nullptr);
 }
 
 }  // namespace diffkern

@@ -10,6 +10,7 @@
 
 #include "dtype_dispatch.cuh"
 #include "elementwise.cuh"
+#include "guidance_rescale.cuh"
 #include "platform.cuh"
 #include "step_coefficients.cuh"
 #include "tensor_checks.cuh"
@@ -23,6 +24,7 @@ struct StepScalars {
   Timesteps timestep;
   Timesteps prev_timestep;
   const float* threshold_scale;  // [B], or null
+  GuidanceRescale rescale;       // its factor is null without the rescale
   float clip_range;
   float guidance_scale;
   int prediction_type;
@@ -41,13 +43,25 @@ struct StepScalars {
   __device__ __forceinline__ float threshold(int64_t b) const {
     return clip_mode == kThreshold ? threshold_scale[b] : 1.0f;
   }
+
+  // The guidance rescale's factor q of sample b (read only with the rescale).
+  template <bool RESCALE>
+  __device__ __forceinline__ float rescale_q(int64_t b) const {
+    if constexpr (RESCALE) {
+      return rescale.q(b);
+    } else {
+      return 1.0f;
+    }
+  }
 };
 
 // The input streams both steps start with: model output (the unconditional half with guidance),
 // [conditional half], sample, [noise]; a step appends its own after them. Outputs: prev_sample and
-// pred_original_sample; or, with X0_ONLY, the unclipped x0 in float32.
-template <bool GUIDED, bool NOISE, bool X0_ONLY>
+// pred_original_sample; or, with X0_ONLY, the unclipped x0 in float32. RESCALE (implies GUIDED): the guided
+// model output is std-rescaled (GuidanceRescale) with the sample's q, which the Op's coef reads (rescale_q).
+template <bool GUIDED, bool NOISE, bool X0_ONLY, bool RESCALE = false>
 struct StepStreams {
+  static_assert(!RESCALE || GUIDED, "the guidance rescale rescales the guided model output");
   static constexpr bool kGuided = GUIDED;
   static constexpr bool kNoise = NOISE;
   static constexpr bool kX0Only = X0_ONLY;
@@ -61,13 +75,14 @@ struct StepStreams {
     float eps;
   };
 
-  // x0 and eps of one element from the guided model output, in diffusers' operation order; x0 then
-  // clipped or thresholded (by `threshold`), except in the x0 pass, which wants it as predicted.
+  // x0 and eps of one element from the guided (and rescaled, by `q`) model output, in diffusers' operation
+  // order; x0 then clipped or thresholded (by `threshold`), except in the x0 pass, which wants it as predicted.
   template <int NI>
   static __device__ __forceinline__ Prediction predict(const StepScalars& p, const float (&in)[NI], float sqrt_a,
-                                                       float sqrt_b, float threshold) {
+                                                       float sqrt_b, float threshold, float q) {
     float m = in[0];
     if constexpr (GUIDED) m = m + p.guidance_scale * (in[1] - m);
+    if constexpr (RESCALE) m = p.rescale.apply(m, q);
     Prediction r;
     predict_x0_eps(p.prediction_type, in[kX], m, sqrt_a, sqrt_b, r.x0, r.eps);
     if constexpr (!X0_ONLY) r.x0 = clip_x0(p.clip_mode, r.x0, p.clip_range, threshold);
@@ -76,24 +91,25 @@ struct StepStreams {
 };
 
 // The first pass of dynamic thresholding, the same for both steps: x0 as predicted, in float32.
-template <bool GUIDED>
-struct X0PassOp : StepStreams<GUIDED, false, true> {
-  using Streams = StepStreams<GUIDED, false, true>;
+template <bool GUIDED, bool RESCALE>
+struct X0PassOp : StepStreams<GUIDED, false, true, RESCALE> {
+  using Streams = StepStreams<GUIDED, false, true, RESCALE>;
 
   StepScalars p;
 
   struct Coef {
     float sqrt_a;
     float sqrt_b;
+    float q;
   };
 
   __device__ __forceinline__ Coef coef(int64_t b) const {
     const float a = p.abar(b);
-    return Coef{sqrtf(a), sqrtf(1.0f - a)};
+    return Coef{sqrtf(a), sqrtf(1.0f - a), p.template rescale_q<RESCALE>(b)};
   }
 
   __device__ __forceinline__ void apply(const Coef& c, const float (&in)[Streams::kIn], float (&out)[1]) const {
-    out[0] = Streams::predict(p, in, c.sqrt_a, c.sqrt_b, 1.0f).x0;
+    out[0] = Streams::predict(p, in, c.sqrt_a, c.sqrt_b, 1.0f, c.q).x0;
   }
 };
 
@@ -157,6 +173,36 @@ inline void check_alike_batch_outer(const Tensor& model_output, const Tensor& sa
                   "diffkern: model_output and sample must be laid out alike, dense with the batch outermost");
 }
 
+// Sets up the guidance rescale of a step (`rescaled`: guidance with guidance_rescale != 0) in `s`: r and keep, and q
+// per sample, from `rescale_factor` (float32 [B] on the device: what the op's x0 pass returned) or computed here by
+// the stats pass (guidance_rescale_factor) on sample's device and current stream. Returns the factor tensor (the
+// caller keeps it alive for the launches; empty without the rescale).
+inline Tensor setup_guidance_rescale(StepScalars& s, const Tensor& model_output, const Tensor& sample, int64_t batch,
+                                     bool rescaled, double guidance_rescale, double keep,
+                                     const std::optional<Tensor>& rescale_factor) {
+  s.rescale = GuidanceRescale{nullptr, 0.0f, 1.0f};
+  if (!rescaled) return empty_float(sample, {0});
+  s.rescale.rescale = static_cast<float>(guidance_rescale);
+  s.rescale.keep = static_cast<float>(keep);
+  Tensor factor;
+  if (rescale_factor.has_value()) {
+    check_same_device(*rescale_factor, "rescale_factor", sample, "sample");
+    check_dtype(*rescale_factor, "rescale_factor", ScalarType::Float);
+    STD_TORCH_CHECK(rescale_factor->dim() == 1 && rescale_factor->numel() == batch && rescale_factor->is_contiguous(),
+                    "diffkern: rescale_factor must be a contiguous float32 [B] tensor");
+    factor = *rescale_factor;
+  } else if (sample.numel() == 0) {
+    factor = empty_float(sample, {batch});
+  } else {
+    const DeviceGuard guard(sample.get_device_index());
+    factor = guidance_rescale_factor(model_output, sample, batch, sample.numel() / batch,
+                                     model_output.numel() / model_output.size(0), s.guidance_scale,
+                                     current_stream(sample.get_device_index()));
+  }
+  s.rescale.factor = static_cast<const float*>(factor.const_data_ptr());
+  return factor;
+}
+
 // Launches the engine for a step whose Op derives from StepStreams: `in` holds the Op's own streams, if
 // any; the shared ones are filled here (model output samples of `mo_n` elements, the others of n), and
 // the outputs (n elements per sample).
@@ -188,16 +234,18 @@ inline void launch_step(const char* name, const Op& op, InStreams<T, Op::kIn> in
 }
 
 // Allocates a step's two outputs and runs it on sample's device and current stream. The x0 pass (x0_only:
-// returns x0 as float32 [B, n] and an empty tensor) is shared; the full step is
+// returns x0 as float32 [B, n] and an empty tensor, or with the guidance rescale (`factor`: the tensor
+// setup_guidance_rescale returned, else null) the factor, for the full step to take) is shared; the full step is
 // full_step(prev_sample, pred_original_sample, n, mo_n, stream), the outputs as pointers to the sample's
 // element type and mo_n the elements per sample of model_output (2n with a learned variance, else n).
 template <typename FullStep>
 inline std::tuple<Tensor, Tensor> run_step(const char* op, const StepScalars& s, const Tensor& model_output,
                                            const Tensor& sample, int64_t batch, bool guided, bool x0_only,
-                                           FullStep&& full_step) {
+                                           FullStep&& full_step, const Tensor* factor = nullptr) {
   const int64_t n = batch == 0 ? 0 : sample.numel() / batch;
   Tensor out0 = x0_only ? empty_float(sample, {batch, n}) : empty_strided_like(sample, sample.scalar_type());
-  Tensor out1 = x0_only ? empty_float(sample, {0}) : empty_strided_like(sample, sample.scalar_type());
+  Tensor out1 = !x0_only ? empty_strided_like(sample, sample.scalar_type())
+                         : factor != nullptr ? *factor : empty_float(sample, {0});
   if (sample.numel() == 0) return std::make_tuple(out0, out1);
   const int64_t mo_n = model_output.numel() / model_output.size(0);  // per sample, whatever its batch
 
@@ -207,15 +255,17 @@ inline std::tuple<Tensor, Tensor> run_step(const char* op, const StepScalars& s,
     using T = decltype(tag);
     if (x0_only) {
       const std::string name = std::string(op) + " (x0 pass)";
-      auto x0_pass = [&](auto guided_c) {
-        using Op = X0PassOp<decltype(guided_c)::value>;
+      auto x0_pass = [&](auto guided_c, auto rescale_c) {
+        using Op = X0PassOp<decltype(guided_c)::value, decltype(rescale_c)::value>;
         launch_step(name.c_str(), Op{{}, s}, InStreams<T, Op::kIn>{}, model_output, sample, std::nullopt,
                     static_cast<float*>(out0.mutable_data_ptr()), static_cast<float*>(nullptr), n, mo_n, batch, stream);
       };
-      if (guided) {
-        x0_pass(std::true_type{});
+      if (factor != nullptr) {
+        x0_pass(std::true_type{}, std::true_type{});
+      } else if (guided) {
+        x0_pass(std::true_type{}, std::false_type{});
       } else {
-        x0_pass(std::false_type{});
+        x0_pass(std::false_type{}, std::false_type{});
       }
       return;
     }

@@ -12,7 +12,9 @@ Passes over memory per call (n = elements of the samples):
   sample (+ noise) once and writing prev_sample and pred_original_sample. With ``thresholding`` the
   per-sample quantile needs x0 first: a first launch writes the unclipped x0 (float32), torch's
   ``kthvalue`` reduces it to the scale s (``_common.dynamic_threshold_scale``, identical to the reference),
-  and the step runs with s: 2 launches + the quantile.
+  and the step runs with s: 2 launches + the quantile. With ``guidance_rescale`` the op first runs the stats
+  pass of ``csrc/guidance_rescale.cuh`` (std(cond) / std(guided) per sample: 2 small launches); with thresholding
+  too, the x0 launch computes that factor and returns it, and the step takes it (computed once).
 - ``group_norm_silu``: see ``csrc/group_norm_silu.cu`` (1-2 kernels forward, 2-3 backward).
 
 float64 inputs run on the reference (the kernels compute in fp32 by design; float64 is for gradcheck).
@@ -75,10 +77,11 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
     ddim_step_cuda = _ops().ddim_step_cuda
     timesteps = _timestep_pair(timestep) + _timestep_pair(prev_timestep)
 
-    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
+    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only,
+               *rescale):
         return ddim_step_cuda(model_output, sample, noise, alphas_cumprod, *timesteps, final_alpha_cumprod, eta,
                               prediction, clip_sample, clip_sample_range, threshold_scale, use_clipped_model_output,
-                              guidance_scale, x0_only)
+                              guidance_scale, x0_only, *rescale)
 
     return _run_step(launch, noise if eta > 0 else None, **step_options)
 
@@ -93,29 +96,37 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
     variance = VARIANCE_CODES[variance_type]
     timesteps = _timestep_pair(timestep) + _timestep_pair(prev_timestep)
 
-    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only):
+    def launch(noise, prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only,
+               *rescale):
         return ddpm_step_cuda(model_output, sample, noise, alphas_cumprod, *timesteps, variance,
-                              prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only)
+                              prediction, clip_sample, clip_sample_range, threshold_scale, guidance_scale, x0_only,
+                              *rescale)
 
     return _run_step(launch, noise, **step_options)
 
 
 def _run_step(launch: Callable[..., Tuple[torch.Tensor, torch.Tensor]], noise: Optional[torch.Tensor], *,
               prediction_type: str, clip_sample: bool, clip_sample_range: float, thresholding: bool,
-              dynamic_thresholding_ratio: float, sample_max_value: float,
-              guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+              dynamic_thresholding_ratio: float, sample_max_value: float, guidance_scale: Optional[float],
+              guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs a step op through ``launch(noise, prediction_code, clip_sample, clip_sample_range, threshold_scale,
-    guidance_scale, x0_only)``, which calls it with the family's own arguments in place.
+    guidance_scale, x0_only, *rescale)``, which calls it with the family's own arguments in place; ``rescale`` is
+    empty without the guidance rescale, else ``(guidance_rescale, keep, rescale_factor)``.
 
     With ``thresholding`` the per-sample scale needs the unclipped x0 first: an ``x0_only`` launch (no noise, no
     clipping) writes it as float32 ``[B, n]``, ``_common.dynamic_threshold_scale`` reduces it to s (float32
-    ``[B]``) and the step runs with s."""
+    ``[B]``) and the step runs with s. With the guidance rescale that launch also returns the rescale's factor,
+    which the step then takes instead of computing it again."""
     prediction = PREDICTION_CODES[prediction_type]
-    scale = None
+    rescaled = guidance_scale is not None and guidance_rescale != 0
+    keep = 1 - guidance_rescale
+    scale = factor = None
     if thresholding:
-        x0, _ = launch(None, prediction, False, clip_sample_range, None, guidance_scale, True)
+        x0, factor = launch(None, prediction, False, clip_sample_range, None, guidance_scale, True,
+                            *((guidance_rescale, keep, None) if rescaled else ()))
         scale = C.dynamic_threshold_scale(x0, dynamic_thresholding_ratio, sample_max_value)
-    return launch(noise, prediction, clip_sample, clip_sample_range, scale, guidance_scale, False)
+    return launch(noise, prediction, clip_sample, clip_sample_range, scale, guidance_scale, False,
+                  *((guidance_rescale, keep, factor) if rescaled else ()))
 
 
 def _param(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

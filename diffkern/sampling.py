@@ -44,7 +44,7 @@ from diffkern.ops.flow_match import flow_match_step
 METHODS = ("ddim", "ddpm", "flow_euler")
 
 # The step options each method takes through ``**step_options``; the loop itself owns timestep, prev_timestep,
-# noise, generator, eta, guidance_scale and backend.
+# noise, generator, eta, guidance_scale, guidance_rescale and backend.
 STEP_OPTIONS = {
     "ddim": ("prediction_type", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
              "sample_max_value", "use_clipped_model_output", "final_alpha_cumprod"),
@@ -102,8 +102,9 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: Optional[torch.
             CPU), e.g. a ``FlowMatchEulerDiscreteScheduler``'s ``sigmas`` after ``set_timesteps``.
         stochastic: flow_euler's stochastic sampling (re-noising x0 with fresh noise each step, diffusers'
             ``stochastic_sampling``), drawn with ``generator``.
-        guidance_rescale: flow_euler's std rescale of the guided velocity (diffusers' ``rescale_noise_cfg``; needs
-            ``guidance_scale``).
+        guidance_rescale: the std rescale of the guided model output (diffusers' ``rescale_noise_cfg``, as the
+            SDXL and SD3 pipelines apply it; needs ``guidance_scale``), for every method: the guided noise, v or
+            sample prediction (ddim, ddpm), the guided velocity (flow_euler).
         **step_options: passed to the step (none for flow_euler): DDIM ``prediction_type``, ``clip_sample``, ``clip_sample_range``,
             ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``, ``use_clipped_model_output``,
             ``final_alpha_cumprod``; DDPM ``variance_type`` and the same x0 options. Defaults are the ops'.
@@ -130,11 +131,11 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: Optional[torch.
                             guidance_rescale=guidance_rescale, stochastic=stochastic, generator=generator,
                             capture=capture, backend=backend, prev_timesteps=prev_timesteps,
                             step_options=step_options)
-    if sigmas is not None or stochastic or guidance_rescale != 0:
-        raise ValueError(f"sigmas, stochastic and guidance_rescale are options of method='flow_euler', "
-                         f"not of method={method!r}")
+    if sigmas is not None or stochastic:
+        raise ValueError(f"sigmas and stochastic are options of method='flow_euler', not of method={method!r}")
     _validate(model_fn, x_T, alphas_cumprod, timesteps, method, eta, guidance_scale, generator, capture, backend,
               prev_timesteps, step_options)
+    guidance_rescale = C.check_guidance_rescale(guidance_rescale, guidance_scale)
     device = x_T.device
     table = C.prepare_table(alphas_cumprod, x_T)
     ts = timesteps.to(device=device, dtype=torch.int64)
@@ -152,9 +153,9 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: Optional[torch.
         out = _model_output(model_fn, x, t, guided)
         if method == "ddim":
             return ddim_step(out, t, x, table, prev_timestep=prev, eta=eta, generator=gen, guidance_scale=guidance,
-                             backend=backend, **step_options).prev_sample
+                             guidance_rescale=guidance_rescale, backend=backend, **step_options).prev_sample
         return ddpm_step(out, t, x, table, prev_timestep=prev, generator=gen, guidance_scale=guidance,
-                         backend=backend, **step_options).prev_sample
+                         guidance_rescale=guidance_rescale, backend=backend, **step_options).prev_sample
 
     return _run_loop(step, x_T, (ts, prevs), generator, capture)
 
@@ -217,9 +218,7 @@ def _sample_flow(model_fn, x_T, alphas_cumprod, timesteps, sigmas, *, eta, guida
     guided = guidance_scale is not None
     if guided:
         guidance_scale = C.check_float("guidance_scale", guidance_scale)
-    guidance_rescale = C.check_float("guidance_rescale", guidance_rescale, low=0.0)
-    if guidance_rescale != 0 and not guided:
-        raise ValueError("guidance_rescale rescales the guided velocity and needs guidance_scale")
+    guidance_rescale = C.check_guidance_rescale(guidance_rescale, guidance_scale)
     C.check_bool("stochastic", stochastic)
     C.check_generator(generator, noise=None)
     C.check_bool("capture", capture)

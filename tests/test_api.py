@@ -149,9 +149,11 @@ def test_opcheck_every_op(randn):
     t, prev = torch.tensor([50, 7]), torch.tensor([40, -1])
     opcheck(_add_noise_op, (x, z, table, t, "reference"))
     opcheck(_ddim_step_op, (m, x, z, table, t, prev, 1.0, 0.5, "v_prediction", True, 1.0, False, 0.995, 1.0,
-                            True, None, "reference"))
+                            True, None, 0.0, "reference"))
+    opcheck(_ddim_step_op, (torch.cat([m, z]), x, z, table, t, prev, 1.0, 0.5, "epsilon", False, 1.0, False, 0.995,
+                            1.0, False, 4.0, 0.7, "reference"))
     opcheck(_ddpm_step_op, (torch.cat([m, m]), x, z, table, t, prev, "fixed_small", "epsilon", False, 1.0, True,
-                            0.9, 2.0, 3.0, "reference"))
+                            0.9, 2.0, 3.0, 0.5, "reference"))
     xg = randn(2, 4, 3, 3).requires_grad_()
     w, b = randn(4).requires_grad_(), randn(4).requires_grad_()
     opcheck(_group_norm_silu_fwd_op, (xg, w, b, 2, 1e-5, "reference"))

@@ -20,6 +20,7 @@ from _helpers import LAYOUTS, abar64, run_both, step_tensors
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.testing import assert_close
+from test_flow_match_step import rescale_noise_cfg
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NUM_TRAIN = 1000
@@ -46,6 +47,13 @@ DDIM_CASES = {
                                                 clip_sample=True, sample_max_value=1.5, guidance_scale=3.0,
                                                 use_clipped_model_output=True),
     "final_alpha_cumprod": dict(final_alpha_cumprod=0.9991, eta=1.0, noise=True),
+    # guidance_rescale (the stats pass, then the step reading the per-sample factor)
+    "guidance-rescale": dict(guidance_scale=7.5, guidance_rescale=0.7),
+    "v-eta-guidance-rescale-1": dict(prediction_type="v_prediction", eta=1.0, noise=True, guidance_scale=5.0,
+                                     guidance_rescale=1.0),
+    "thresholding-sample-guidance-rescale-use_clipped": dict(prediction_type="sample", thresholding=True,
+                                                             sample_max_value=1.5, guidance_scale=3.0,
+                                                             guidance_rescale=0.5, use_clipped_model_output=True),
 }
 if ON_GPU:  # the full product of the options, where kernels run at full speed
     for prediction, guided, eta, post, use_clipped in itertools.product(
@@ -54,7 +62,8 @@ if ON_GPU:  # the full product of the options, where kernels run at full speed
         DDIM_CASES[f"{prediction}-guided{guided}-eta{eta}-{post}-use_clipped{use_clipped}"] = dict(
             prediction_type=prediction, guidance_scale=7.5 if guided else None, eta=eta, noise=eta > 0,
             clip_sample=post == "clip", thresholding=post == "threshold", sample_max_value=1.5,
-            dynamic_thresholding_ratio=0.9, use_clipped_model_output=use_clipped, final_alpha_cumprod=0.9991)
+            dynamic_thresholding_ratio=0.9, use_clipped_model_output=use_clipped, final_alpha_cumprod=0.9991,
+            guidance_rescale=0.7 if guided and prediction != "epsilon" else 0.0)
 
 
 def ddim_inputs(shape, dtype, options, randn, gen, device, *, per_sample=True, layout="contiguous"):
@@ -202,6 +211,99 @@ def test_guidance_equals_guiding_first(randn):
     assert_close(fused.pred_original_sample, plain.pred_original_sample)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guidance_rescale_matches_the_pipelines(any_backend, prediction_type, randn, device):
+    """guidance_scale and guidance_rescale fused into the step equal the SDXL pipelines' formula (uncond + s (cond -
+    uncond), then diffusers' rescale_noise_cfg) followed by DDIMScheduler.step, in float32: on the reference, bit
+    for bit what the step computes from the pipelines' guided output, and diffusers' step within the fp32
+    tolerance; on every backend within it. The zero-terminal-SNR schedule the rescale was made for included."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install diffusers")
+    rescale = rescale_noise_cfg()
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, **SCHEDULES[1], set_alpha_to_one=False,
+                                    clip_sample=False, prediction_type=prediction_type, timestep_spacing="trailing",
+                                    rescale_betas_zero_snr=prediction_type == "v_prediction")
+    sched.set_timesteps(25)
+    scale, phi = 7.5, 0.7
+    m, x = randn(4, 4, 9, 6), randn(2, 4, 9, 6, scale=1.5)
+    uncond, cond = m.cpu().chunk(2)
+    guided = rescale(uncond + scale * (cond - uncond), cond, guidance_rescale=phi)
+    table = sched.alphas_cumprod.to(device)
+    for i in (0, 12, 24):
+        t = int(sched.timesteps[i])
+        prev_t = t - 1000 // 25
+        theirs = sched.step(guided, t, x.cpu())
+        common = dict(prev_timestep=prev_t, prediction_type=prediction_type,
+                      final_alpha_cumprod=float(sched.final_alpha_cumprod))
+        ours = diffkern.ddim_step(m, t, x, table, guidance_scale=scale, guidance_rescale=phi, backend=any_backend,
+                                  **common)
+        assert_close(ours.prev_sample.cpu(), theirs.prev_sample, msg=f"t={t}")
+        assert_close(ours.pred_original_sample.cpu(), theirs.pred_original_sample, msg=f"t={t}")
+        if any_backend == "reference":
+            plain = diffkern.ddim_step(guided.to(device), t, x, table, backend="reference", **common)
+            assert torch.equal(ours.prev_sample, plain.prev_sample)
+            assert torch.equal(ours.pred_original_sample, plain.pred_original_sample)
+
+
+def test_guidance_rescale_zero_is_plain_guidance(any_backend, table, randn, device):
+    """guidance_rescale=0 (the default) is guidance alone, bit for bit (no stats pass); r = 1 replaces the guided
+    output by its std-matched version; per-sample timesteps equal each sample stepped alone."""
+    x, m = randn(3, 4, 5, 6), randn(6, 4, 5, 6)
+    t = torch.tensor([900, 500, 20], device=device)
+    plain = diffkern.ddim_step(m, t, x, table, prev_timestep=t - 20, guidance_scale=5.0, backend=any_backend)
+    zero = diffkern.ddim_step(m, t, x, table, prev_timestep=t - 20, guidance_scale=5.0, guidance_rescale=0.0,
+                              backend=any_backend)
+    assert torch.equal(plain.prev_sample, zero.prev_sample)
+    rescaled = diffkern.ddim_step(m, t, x, table, prev_timestep=t - 20, guidance_scale=5.0, guidance_rescale=0.6,
+                                  backend=any_backend)
+    assert not torch.allclose(plain.prev_sample, rescaled.prev_sample)
+    for i in range(3):
+        alone = diffkern.ddim_step(torch.stack([m[i], m[3 + i]]), int(t[i]), x[i:i + 1], table,
+                                   prev_timestep=int(t[i]) - 20, guidance_scale=5.0, guidance_rescale=0.6,
+                                   backend=any_backend)
+        assert torch.equal(rescaled.prev_sample[i:i + 1], alone.prev_sample)
+        assert torch.equal(rescaled.pred_original_sample[i:i + 1], alone.pred_original_sample)
+
+
+def test_guidance_rescale_of_samples_with_a_large_mean(any_backend, table, randn, device):
+    """std over 70000 elements per sample whose mean is 200 times their std (several blocks of partial moments):
+    no cancellation, against the reference (whose torch.std accumulates in float64 on the CPU)."""
+    m, x = randn(4, 70000, shift=200.0), randn(2, 70000)
+    kwargs = dict(prev_timestep=300, guidance_scale=3.0, guidance_rescale=0.8, prediction_type="v_prediction")
+    ours = diffkern.ddim_step(m, 320, x, table, backend=any_backend, **kwargs)
+    m64 = m.double()
+    guided = m64[:2] + 3.0 * (m64[2:] - m64[:2])
+    guided = 0.8 * guided * (m64[2:].std(dim=1, keepdim=True) / guided.std(dim=1, keepdim=True)) + 0.2 * guided
+    expected = diffkern.ddim_step(guided, 320, x.double(), table.double(), prev_timestep=300,
+                                  prediction_type="v_prediction", backend="reference")
+    assert_close(ours.prev_sample, expected.prev_sample)
+    assert_close(ours.pred_original_sample, expected.pred_original_sample)
+
+
+def _bad_rescale_calls(device):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear")).to(device)
+    x = torch.randn(2, 3, 4, device=device)
+    m2 = torch.randn(4, 3, 4, device=device)
+
+    def call(**kwargs):
+        kwargs = dict(dict(model_output=m2, guidance_scale=3.0), **kwargs)
+        return lambda: diffkern.ddim_step(kwargs.pop("model_output"), 500, x, table, prev_timestep=480, **kwargs)
+    return {
+        "negative": (call(guidance_rescale=-0.5), ValueError),
+        "nan": (call(guidance_rescale=float("nan")), ValueError),
+        "string": (call(guidance_rescale="0.7"), TypeError),
+        "bool": (call(guidance_rescale=True), TypeError),
+        "none": (call(guidance_rescale=None), TypeError),
+        "without-guidance": (call(model_output=x, guidance_scale=None, guidance_rescale=0.7), ValueError),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_rescale_calls("cpu")))
+def test_bad_guidance_rescale_names_the_argument(case, device):
+    bad, error = _bad_rescale_calls(device)[case]
+    with pytest.raises(error, match="guidance_rescale"):
+        bad()
+
+
 def test_thresholding_quantile_matches_torch_quantile(randn):
     from diffkern.ops._common import dynamic_threshold_scale
     x0 = randn(3, 4, 9, 7, scale=2.0)
@@ -249,6 +351,7 @@ HOST_TIMESTEP_CASES = {
                                      use_clipped_model_output=True)),
     "final-step-thresholding-guided-sample": ("final", dict(prediction_type="sample", thresholding=True,
                                                             guidance_scale=3.0, eta=0.5)),
+    "guided-rescale-thresholding": (40, dict(thresholding=True, guidance_scale=4.0, guidance_rescale=0.7)),
 }
 
 

@@ -32,6 +32,10 @@ DDPM_CASES = {
     "guidance-thresholding-v": dict(guidance_scale=6.0, thresholding=True, prediction_type="v_prediction"),
     # The public op draws noise whenever some t > 0, so "no noise" (noise=None to the kernel) means t = 0.
     "no-noise-t0": dict(noise=False),
+    # guidance_rescale (the stats pass, then the step reading the per-sample factor)
+    "guidance-rescale": dict(guidance_scale=6.0, guidance_rescale=0.7),
+    "guidance-rescale-1-thresholding-sample": dict(guidance_scale=4.0, guidance_rescale=1.0, thresholding=True,
+                                                   prediction_type="sample"),
 }
 if ON_GPU:  # the full product, where kernels run at full speed
     for variance, prediction, guided, post in itertools.product(
@@ -39,7 +43,7 @@ if ON_GPU:  # the full product, where kernels run at full speed
         DDPM_CASES[f"{variance}-{prediction}-guided{guided}-{post}"] = dict(
             variance_type=variance, prediction_type=prediction, guidance_scale=4.0 if guided else None,
             clip_sample=post == "clip", thresholding=post == "threshold", dynamic_thresholding_ratio=0.9,
-            sample_max_value=2.0)
+            sample_max_value=2.0, guidance_rescale=0.7 if guided and post != "clip" else 0.0)
 
 
 def ddpm_inputs(shape, dtype, variance_type, options, randn, gen, device, layout="contiguous"):
@@ -179,6 +183,70 @@ def test_learned_guidance_takes_variance_from_conditional_half(randn):
     assert_close(fused.prev_sample, plain.prev_sample)
 
 
+def test_learned_guidance_rescale_rescales_the_prediction_channels(randn):
+    """With a learned variance the rescale applies to the guided prediction (its std against the conditional
+    prediction's, over the first C channels); the predicted variance comes from the conditional half untouched."""
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear"))
+    x, z = randn(2, 3, 4, 4), randn(2, 3, 4, 4)
+    m2 = randn(4, 6, 4, 4)
+    cond = m2[2:, :3]
+    guided = m2[:2, :3] + 4.0 * (cond - m2[:2, :3])
+    std = lambda t: t.std(dim=[1, 2, 3], keepdim=True)  # noqa: E731
+    guided = 0.7 * (guided * (std(cond) / std(guided))) + (1 - 0.7) * guided
+    fused = diffkern.ddpm_step(m2, 600, x, table, noise=z, variance_type="learned_range", guidance_scale=4.0,
+                               guidance_rescale=0.7)
+    plain = diffkern.ddpm_step(torch.cat([guided, m2[2:, 3:]], dim=1), 600, x, table, noise=z,
+                               variance_type="learned_range")
+    assert torch.equal(fused.prev_sample, plain.prev_sample)
+    assert torch.equal(fused.pred_original_sample, plain.pred_original_sample)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_guidance_rescale_matches_the_pipelines(any_backend, variance_type, randn, device):
+    """guidance_scale and guidance_rescale fused into the step equal the pipelines' formula (uncond + s (cond -
+    uncond), then diffusers' rescale_noise_cfg) followed by DDPMScheduler.step with the same noise draws, in
+    float32 (within the fp32 tolerance; bit for bit against the step of the pipelines' guided output on the
+    reference)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install diffusers")
+    from test_flow_match_step import rescale_noise_cfg
+
+    rescale = rescale_noise_cfg()
+    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    variance_type=variance_type, clip_sample=False)
+    scale, phi = 6.0, 0.7
+    m, x = randn(4, 3, 5, 7), randn(2, 3, 5, 7, scale=1.5)
+    uncond, cond = m.cpu().chunk(2)
+    guided = rescale(uncond + scale * (cond - uncond), cond, guidance_rescale=phi)
+    table = sched.alphas_cumprod.to(device)
+    for t in (999, 500, 1, 0):
+        theirs = sched.step(guided, t, x.cpu(), generator=torch.Generator().manual_seed(t))
+        ours = diffkern.ddpm_step(m, t, x, table, guidance_scale=scale, guidance_rescale=phi, clip_sample=False,
+                                  variance_type=variance_type, generator=torch.Generator().manual_seed(t),
+                                  backend=any_backend)
+        assert_close(ours.prev_sample.cpu(), theirs.prev_sample, msg=f"t={t}")
+        assert_close(ours.pred_original_sample.cpu(), theirs.pred_original_sample, msg=f"t={t}")
+        if any_backend == "reference":
+            plain = diffkern.ddpm_step(guided.to(device), t, x, table, clip_sample=False, variance_type=variance_type,
+                                       generator=torch.Generator().manual_seed(t), backend="reference")
+            assert torch.equal(ours.prev_sample, plain.prev_sample)
+
+
+@pytest.mark.parametrize("call, error", [
+    (dict(guidance_rescale=-0.1), ValueError),
+    (dict(guidance_rescale=float("inf")), ValueError),
+    (dict(guidance_rescale="0.7"), TypeError),
+    (dict(guidance_rescale=False), TypeError),
+    (dict(guidance_rescale=0.7, guidance_scale=None), ValueError),
+], ids=["negative", "inf", "string", "bool", "without-guidance"])
+def test_bad_guidance_rescale_names_the_argument(call, error, device):
+    table = diffkern.alphas_cumprod(diffkern.make_betas("linear")).to(device)
+    x = torch.randn(2, 3, 4, device=device)
+    kwargs = dict(dict(guidance_scale=3.0), **call)
+    model_output = torch.randn(4 if kwargs["guidance_scale"] is not None else 2, 3, 4, device=device)
+    with pytest.raises(error, match="guidance_rescale"):
+        diffkern.ddpm_step(model_output, 500, x, table, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------- every backend
 
 def test_no_noise_at_t0(any_backend, table, randn, device):
@@ -204,9 +272,9 @@ def test_no_noise_at_t0(any_backend, table, randn, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 def test_variance_types_match_reference(fast_backend, variance_type, dtype, table, randn, gen, device):
-    for guidance_scale in (None, 4.0):
-        model_output, timestep, sample, kwargs = ddpm_inputs((3, 4, 5, 7), dtype, variance_type,
-                                                             dict(guidance_scale=guidance_scale), randn, gen, device)
+    for guidance in (dict(), dict(guidance_scale=4.0), dict(guidance_scale=4.0, guidance_rescale=0.7)):
+        model_output, timestep, sample, kwargs = ddpm_inputs((3, 4, 5, 7), dtype, variance_type, guidance, randn,
+                                                             gen, device)
         run_both(diffkern.ddpm_step, fast_backend, model_output, timestep, sample, table, **kwargs)
 
 
@@ -246,6 +314,8 @@ HOST_TIMESTEP_CASES = {
     "learned_range-guided": (None, None, "learned_range", dict(guidance_scale=3.0)),
     "fixed_small_log-spaced-v": (None, 20, "fixed_small_log", dict(prediction_type="v_prediction")),
     "t1-to-0-thresholding-guided": (1, 0, "fixed_large", dict(thresholding=True, guidance_scale=2.0)),
+    "learned-guided-rescale-thresholding": (None, None, "learned", dict(thresholding=True, guidance_scale=3.0,
+                                                                       guidance_rescale=0.7)),
 }
 
 

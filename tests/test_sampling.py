@@ -46,16 +46,21 @@ def make_model(randn, channels: int, out_channels: int, batch: int):
     return model
 
 
-def guided(out: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
-    """Classifier-free guidance by hand: uncond + s (cond - uncond) on the first ``channels`` channels; extra
+def guided(out: torch.Tensor, scale: float, channels: int, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance by hand: uncond + s (cond - uncond) on the first ``channels`` channels, then with
+    ``rescale`` r the pipelines' std matching r (g std(cond) / std(g)) + (1 - r) g over those channels; extra
     (variance) channels come from the conditional half."""
     uncond, cond = out.chunk(2)
     mixed = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    if rescale:
+        dims = list(range(1, mixed.ndim))
+        ratio = cond[:, :channels].std(dim=dims, keepdim=True) / mixed.std(dim=dims, keepdim=True)
+        mixed = rescale * (mixed * ratio) + (1 - rescale) * mixed
     return torch.cat([mixed, cond[:, channels:]], dim=1)
 
 
 def hand_loop(method, model, x, timesteps, *, seed, device, eta=0.0, guidance_scale=None, prev_timesteps=None,
-              **options):
+              guidance_rescale=0.0, **options):
     """``sample``'s loop by hand, with diffusers' previous-timestep rules written out: DDIM t - T // n, DDPM the
     next entry (or ``prev_timesteps``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -69,7 +74,7 @@ def hand_loop(method, model, x, timesteps, *, seed, device, eta=0.0, guidance_sc
             prev = ts[i + 1] if i + 1 < len(ts) else -1
         out = model(torch.cat([x, x]) if guidance_scale is not None else x, t)
         if guidance_scale is not None:
-            out = guided(out, guidance_scale, x.shape[1])
+            out = guided(out, guidance_scale, x.shape[1], guidance_rescale)
         if method == "ddim":
             x = ddim_step(out, t, x, TABLE, prev_timestep=prev, eta=eta, generator=generator, **options).prev_sample
         else:
@@ -152,6 +157,25 @@ def test_ddpm_matches_hand_loop(randn, gen, device, variance_type, guidance_scal
     assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("method, variance_type", [("ddim", None), ("ddpm", "fixed_small"),
+                                                   ("ddpm", "learned_range")])
+def test_guidance_rescale_matches_hand_loop(any_backend, randn, gen, device, method, variance_type):
+    """guidance_rescale through the loop: the pipelines' guidance and rescale_noise_cfg by hand, then the step."""
+    out_channels = 6 if variance_type == "learned_range" else 3
+    model, x_T, seed = make_model(randn, 3, out_channels, 2 * SHAPE[0]), randn(*SHAPE), seed_from(gen)
+    timesteps = random_timesteps(gen, 6)
+    options = dict(prediction_type="v_prediction")
+    if variance_type is not None:
+        options["variance_type"] = variance_type
+    extra = dict(eta=0.5) if method == "ddim" else {}
+    expected = hand_loop(method, model, x_T, timesteps, seed=seed, device=device, guidance_scale=5.0,
+                         guidance_rescale=0.7, backend="reference", **extra, **options)
+    actual = sample(model, x_T, TABLE, timesteps, method=method, guidance_scale=5.0, guidance_rescale=0.7,
+                    generator=torch.Generator(device=device).manual_seed(seed), backend=any_backend, **extra,
+                    **options)
+    assert_close(actual, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_sample_keeps_dtype_with_channels_last_input(randn, gen, device, dtype):
     model, seed = make_model(randn, 3, 3, SHAPE[0]), seed_from(gen)
@@ -188,6 +212,10 @@ def test_sample_rejects_bad_arguments(randn):
         (TypeError, "capture", dict(capture="yes")),
         (TypeError, "variance_type", dict(variance_type="fixed_small")),  # a DDPM option given to DDIM
         (ValueError, "backend", dict(backend="fastest")),
+        (ValueError, "guidance_rescale", dict(guidance_rescale=0.7)),  # without guidance_scale
+        (ValueError, "guidance_rescale", dict(guidance_scale=3.0, guidance_rescale=-0.1)),
+        (TypeError, "guidance_rescale", dict(method="ddpm", guidance_scale=3.0, guidance_rescale="0.7")),
+        (ValueError, "stochastic", dict(stochastic=True)),  # a flow_euler option
     ]
     for error, match, override in cases:
         kwargs = dict(model_fn=model, x_T=x_T, alphas_cumprod=TABLE, timesteps=ts)

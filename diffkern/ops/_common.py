@@ -477,18 +477,50 @@ def step_abar(table: torch.Tensor, timesteps: "TimestepLike", dtype: torch.dtype
 
 
 def apply_guidance(model_output: torch.Tensor, batch: int, guidance_scale: Optional[float],
-                   channels: Optional[int] = None) -> torch.Tensor:
+                   channels: Optional[int] = None, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance over a ``[2B, ...]`` model output (first half unconditional, second half
-    conditional): uncond + s * (cond - uncond). When ``channels`` is given and the output carries more
-    channels (a learned variance), only the first ``channels`` are guided and the rest come from the
-    conditional half, as in diffusers' pipelines. Works in the dtype of ``model_output``."""
+    conditional): uncond + s * (cond - uncond), then, when ``guidance_rescale`` is not 0, the pipelines' std
+    rescale of the guided output (``rescale_guided``). When ``channels`` is given and the output carries more
+    channels (a learned variance), only the first ``channels`` are guided (and rescaled, against the first
+    ``channels`` of the conditional half) and the rest come from the conditional half, as in diffusers'
+    pipelines. Works in the dtype of ``model_output``."""
     if guidance_scale is None:
         return model_output
     uncond, cond = model_output[:batch], model_output[batch:]
     if channels is None or model_output.shape[1] == channels:
-        return uncond + guidance_scale * (cond - uncond)
+        return rescale_guided(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
     guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    guided = rescale_guided(guided, cond[:, :channels], guidance_rescale)
     return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def per_sample_std(t: torch.Tensor) -> torch.Tensor:
+    """The unbiased standard deviation of each sample over all its non-batch dimensions, ``[B, 1, ...]``: what
+    diffusers' ``rescale_noise_cfg`` computes (``t.std(dim=list(range(1, t.ndim)), keepdim=True)``); a sample of
+    one element has NaN."""
+    if t.ndim == 1:
+        return t.unsqueeze(1).std(dim=1)
+    return t.std(dim=list(range(1, t.ndim)), keepdim=True)
+
+
+def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg`` (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4), in its operation order: ``r * (guided * std(cond) / std(guided)) + (1 - r) * guided``
+    with per-sample unbiased stds (``per_sample_std``); ``guided`` itself when r is 0. The fast backends compute
+    the factor std(cond) / std(guided) in a stats pass and ``1 - r`` once on the host (in float64, as python
+    computes it here)."""
+    if guidance_rescale == 0:
+        return guided
+    rescaled = guided * (per_sample_std(cond) / per_sample_std(guided))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def check_guidance_rescale(guidance_rescale, guidance_scale) -> float:
+    """Validates ``guidance_rescale`` (a float >= 0; not 0 only with guidance)."""
+    guidance_rescale = check_float("guidance_rescale", guidance_rescale, low=0.0)
+    if guidance_rescale != 0 and guidance_scale is None:
+        raise ValueError("guidance_rescale rescales the guided model output and needs guidance_scale")
+    return guidance_rescale
 
 
 def predict_x0_eps(prediction_type: str, sample: torch.Tensor, model_output: torch.Tensor, abar, *,

@@ -73,15 +73,6 @@ def per_sample(coef: torch.Tensor, ndim: int) -> torch.Tensor:
     return coef.reshape(coef.shape[0], *([1] * (ndim - 1)))
 
 
-def per_sample_std(t: torch.Tensor) -> torch.Tensor:
-    """The unbiased standard deviation of each sample over all its non-batch dimensions, ``[B, 1, ...]``: what
-    diffusers' ``rescale_noise_cfg`` computes (``t.std(dim=list(range(1, t.ndim)), keepdim=True)``); a sample of
-    one element has NaN."""
-    if t.ndim == 1:
-        return t.unsqueeze(1).std(dim=1)
-    return t.std(dim=list(range(1, t.ndim)), keepdim=True)
-
-
 def register_vjp_autograd(op, reference: Callable, tensor_inputs: int, differentiable: Sequence[int]) -> None:
     """Autograd for a custom op whose inputs are ``(*tensors, *options, backend)``, with the first ``tensor_inputs``
     inputs passed to ``reference`` positionally and the options in the order of its keyword-only parameters.

@@ -9,7 +9,11 @@ With a = abar_t, a' = abar_prev (``final_alpha_cumprod`` when prev_timestep < 0)
     x_prev   = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps  (+ sigma z when eta > 0)
 
 With ``guidance_scale`` set the model output holds 2B samples (unconditional first) and
-eps_model = uncond + s (cond - uncond) is part of the step.
+eps_model = uncond + s (cond - uncond) is part of the step; with ``guidance_rescale`` r > 0 too, the pipelines'
+std rescale of the guided output (diffusers' ``rescale_noise_cfg``, as the SDXL pipelines apply it):
+model_out <- r (model_out std(cond) / std(model_out)) + (1 - r) model_out, per-sample unbiased stds over every
+non-batch dimension. The fast backends compute std(cond) / std(model_out) in one stats pass over the model output
+first (``diffkern.triton._guidance``, ``csrc/guidance_rescale.cuh``), then run the step reading it.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ class StepOutput(NamedTuple):
     pred_original_sample: torch.Tensor
 
 
-def step_cuda_outputs(sample: torch.Tensor, x0_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def step_cuda_outputs(sample: torch.Tensor, x0_only: bool, rescaled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """What the CUDA step ops return, for their fake kernels: (prev_sample, pred_original_sample) like
     ``sample``; with ``x0_only`` (the first pass of dynamic thresholding) x0 as float32 ``[B, n]`` and an empty
-    tensor."""
+    tensor, or with the guidance rescale (``rescaled``) its per-sample factor, float32 ``[B]``."""
     if x0_only:
         x0 = sample.new_empty((sample.shape[0], sample[0].numel()), dtype=torch.float32)
-        return x0, sample.new_empty((0,), dtype=torch.float32)
+        return x0, sample.new_empty((sample.shape[0] if rescaled else 0,), dtype=torch.float32)
     return torch.empty_like(sample), torch.empty_like(sample)
 
 
@@ -47,16 +51,22 @@ DECLARATION = OpDeclaration.single_entry(
     # [B, n] before any clipping, an empty tensor), ignoring noise, clipping and threshold_scale. Timesteps: an
     # int64 [1 or B] tensor, or None and the host_ value for the whole batch (a negative host_prev_timestep:
     # final_alpha_cumprod), so that a python-int timestep is a kernel argument and not a fill kernel.
+    # guidance_rescale: applied when guidance_scale is given and guidance_rescale != 0; keep = 1 - guidance_rescale,
+    # computed once on the host in float64 as the pipelines compute it (flow_match_step_cuda's convention). The
+    # per-sample factor std(cond) / std(guided) is rescale_factor when given (float32 [B]), else computed by the op
+    # (a stats pass first); an x0_only pass with the rescale returns it as its second output, for the full step.
     cuda_ops=(CudaOp("ddim_step_cuda",
                      "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor? timestep, "
                      "int host_timestep, Tensor? prev_timestep, int host_prev_timestep, float final_alpha_cumprod, "
                      "float eta, int prediction_type, bool clip_sample, float clip_sample_range, "
                      "Tensor? threshold_scale, bool use_clipped_model_output, float? guidance_scale, "
-                     "bool x0_only=False) -> (Tensor, Tensor)",
+                     "bool x0_only=False, float guidance_rescale=0.0, float keep=1.0, Tensor? rescale_factor=None"
+                     ") -> (Tensor, Tensor)",
                      lambda model_output, sample, noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
                      host_prev_timestep, final_alpha_cumprod, eta, prediction_type, clip_sample, clip_sample_range,
-                     threshold_scale, use_clipped_model_output, guidance_scale, x0_only=False:
-                     step_cuda_outputs(sample, x0_only)),),
+                     threshold_scale, use_clipped_model_output, guidance_scale, x0_only=False, guidance_rescale=0.0,
+                     keep=1.0, rescale_factor=None:
+                     step_cuda_outputs(sample, x0_only, guidance_scale is not None and guidance_rescale != 0)),),
 )
 
 
@@ -65,7 +75,8 @@ def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
                         final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
                         clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
                         sample_max_value: float, use_clipped_model_output: bool,
-                        guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                        guidance_scale: Optional[float],
+                        guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see ``_common``): ``model_output`` ``[B or 2B, ...]``, ``sample`` ``[B, ...]``,
     ``noise`` like ``sample`` when eta > 0 (else None or ignored), timesteps python ints or int64 ``[1 or B]``.
     Arithmetic in fp32 (fp64 for fp64 input); returns (prev_sample, pred_original_sample) in the sample's
@@ -73,7 +84,7 @@ def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
     compute = torch.promote_types(sample.dtype, torch.float32)
     batch, ndim = sample.shape[0], sample.ndim
     x = sample.to(compute)
-    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale)
+    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
     # The coefficients: host numbers for a host timestep and a CPU table, else tensors (``C.step_abar``).
     a = C.step_abar(alphas_cumprod, timestep, compute, ndim)
     a_prev = C.step_abar(alphas_cumprod, prev_timestep, compute, ndim, final_alpha_cumprod)
@@ -102,13 +113,14 @@ def _ddim_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optio
                   final_alpha_cumprod: float, eta: float, prediction_type: str, clip_sample: bool,
                   clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
                   sample_max_value: float, use_clipped_model_output: bool, guidance_scale: Optional[float],
-                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                  guidance_rescale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return backends.implementation(backend, "ddim_step")(
         model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
         final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
         clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-        use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale)
+        use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale)
 
 
 @_ddim_step_op.register_fake
@@ -126,7 +138,7 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
               thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
               sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
               final_alpha_cumprod: float = 1.0, guidance_scale: Optional[float] = None,
-              backend: str = "auto") -> StepOutput:
+              guidance_rescale: float = 0.0, backend: str = "auto") -> StepOutput:
     """One DDIM step from ``timestep`` to ``prev_timestep`` (the math is in this module's docstring).
 
     Args:
@@ -141,13 +153,16 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         clip_sample / clip_sample_range, thresholding / dynamic_thresholding_ratio / sample_max_value,
         use_clipped_model_output: as in diffusers' ``DDIMScheduler``.
         guidance_scale: fuse classifier-free guidance over a 2B-batch model output.
+        guidance_rescale: r, diffusers' ``rescale_noise_cfg`` of the guided model output (needs
+            ``guidance_scale``; 0 turns it off, as in the pipelines; SDXL's pipelines use 0.7 with zero-SNR models).
         backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
 
     Returns:
         ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype and memory format.
     """
     options = (eta, prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, backend)
+               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, guidance_rescale,
+               backend)
     key = plan = None
     if not torch.compiler.is_compiling():
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
@@ -200,7 +215,8 @@ _PLANS = C.plan_cache()
 
 def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, noise, generator, eta,
                prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, backend):
+               sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, guidance_rescale,
+               backend):
     """Every check of ``ddim_step``; returns (plan, timestep, prev_timestep) with the timesteps normalised."""
     C.check_tensor("sample", sample)
     C.check_tensor("model_output", model_output)
@@ -219,6 +235,7 @@ def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
                                       clip_sample_range=clip_sample_range, thresholding=thresholding,
                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                       sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    guidance_rescale = C.check_guidance_rescale(guidance_rescale, guidance_scale)
     C.check_abar_at_timesteps(alphas_cumprod, timestep, prev_timestep, prediction_type)
     C.check_generator(generator, noise)
     if noise is not None:
@@ -226,7 +243,8 @@ def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
     chosen = backends.resolve("ddim_step", backend, device)
     options = dict(final_alpha_cumprod=final_alpha_cumprod, eta=eta, prediction_type=prediction_type,
                    **x0_options._asdict(), use_clipped_model_output=use_clipped_model_output,
-                   guidance_scale=None if guidance_scale is None else float(guidance_scale))
+                   guidance_scale=None if guidance_scale is None else float(guidance_scale),
+                   guidance_rescale=guidance_rescale)
     plan = _DdimPlan(chosen, backends.eager_implementation(chosen, "ddim_step"), options, eta,
                      not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
                      C.table_ready(alphas_cumprod, sample))

@@ -11,6 +11,11 @@ With a = abar_t, a' = abar_prev (1.0 when prev_timestep < 0), alpha = a / a', be
     x_prev  = mean + std z              (no noise for samples at t = 0)
 
 ``learned``/``learned_range`` take a model output with 2C channels: the prediction, then p.
+
+Guidance (``guidance_scale``, a 2B-sample model output, unconditional first) guides the prediction; p comes from the
+conditional half. ``guidance_rescale`` r > 0 then applies the pipelines' std rescale to the guided prediction
+(diffusers' ``rescale_noise_cfg``: pred <- r (pred std(cond) / std(pred)) + (1 - r) pred, per-sample unbiased stds
+over the prediction's elements), as ``diffkern.ops.ddim`` describes.
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ DECLARATION = OpDeclaration.single_entry(
     "ddpm_step", reference="diffkern.ops.ddpm:ddpm_step_reference", triton="diffkern.triton.ddpm:ddpm_step",
     cuda="diffkern._cuda_ops:ddpm_step",
     # Codes: variance_type and prediction_type as ``_declaration``'s; the timesteps (tensor or None and host
-    # value; a negative host_prev_timestep: abar_prev = 1), threshold_scale and x0_only as DDIM's.
+    # value; a negative host_prev_timestep: abar_prev = 1), threshold_scale, x0_only and the guidance rescale
+    # (guidance_rescale, keep, rescale_factor) as DDIM's.
     cuda_ops=(CudaOp("ddpm_step_cuda",
                      "(Tensor model_output, Tensor sample, Tensor? noise, Tensor alphas_cumprod, Tensor? timestep, "
                      "int host_timestep, Tensor? prev_timestep, int host_prev_timestep, int variance_type, "
                      "int prediction_type, bool clip_sample, float clip_sample_range, Tensor? threshold_scale, "
-                     "float? guidance_scale, bool x0_only=False) -> (Tensor, Tensor)",
+                     "float? guidance_scale, bool x0_only=False, float guidance_rescale=0.0, float keep=1.0, "
+                     "Tensor? rescale_factor=None) -> (Tensor, Tensor)",
                      lambda model_output, sample, noise, alphas_cumprod, timestep, host_timestep, prev_timestep,
                      host_prev_timestep, variance_type, prediction_type, clip_sample, clip_sample_range,
-                     threshold_scale, guidance_scale, x0_only=False: step_cuda_outputs(sample, x0_only)),),
+                     threshold_scale, guidance_scale, x0_only=False, guidance_rescale=0.0, keep=1.0,
+                     rescale_factor=None:
+                     step_cuda_outputs(sample, x0_only, guidance_scale is not None and guidance_rescale != 0)),),
 )
 
 
@@ -64,7 +73,8 @@ def ddpm_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
                         alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor, *,
                         variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
                         thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
-                        guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                        guidance_scale: Optional[float],
+                        guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see ``_common``): ``model_output`` ``[B or 2B, C or 2C, ...]`` (2C for learned
     variance types, and then every tensor is C-contiguous), ``sample`` ``[B, C, ...]``, ``noise`` like
     ``sample`` or None (no noise), timesteps int64 ``[1 or B]``. Samples whose timestep is 0 get no noise.
@@ -72,7 +82,7 @@ def ddpm_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
     compute = torch.promote_types(sample.dtype, torch.float32)
     batch, channels, ndim = sample.shape[0], sample.shape[1], sample.ndim
     x = sample.to(compute)
-    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, channels)
+    model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, channels, guidance_rescale)
     fresh = model_out is not model_output  # not the caller's tensor
     predicted_variance = None
     if variance_type in LEARNED_VARIANCE_TYPES:
@@ -108,12 +118,13 @@ def _ddpm_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optio
                   alphas_cumprod: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
                   variance_type: str, prediction_type: str, clip_sample: bool, clip_sample_range: float,
                   thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
-                  guidance_scale: Optional[float], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                  guidance_scale: Optional[float], guidance_rescale: float,
+                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return backends.implementation(backend, "ddpm_step")(
         model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, variance_type=variance_type,
         prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
         thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-        sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+        sample_max_value=sample_max_value, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
 
 
 @_ddpm_step_op.register_fake
@@ -130,7 +141,8 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
               variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: bool = True,
               clip_sample_range: float = 1.0, thresholding: bool = False,
               dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-              guidance_scale: Optional[float] = None, backend: str = "auto") -> StepOutput:
+              guidance_scale: Optional[float] = None, guidance_rescale: float = 0.0,
+              backend: str = "auto") -> StepOutput:
     """One DDPM ancestral step from ``timestep`` to ``prev_timestep`` (math in the module docstring).
 
     Args:
@@ -146,13 +158,16 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
             ``learned`` or ``learned_range``.
         prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
         sample_max_value: as in diffusers' ``DDPMScheduler``.
+        guidance_scale: fuse classifier-free guidance over a 2B-batch model output.
+        guidance_rescale: r, diffusers' ``rescale_noise_cfg`` of the guided prediction (needs ``guidance_scale``;
+            0 turns it off, as in the pipelines).
         backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
 
     Returns:
         ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype.
     """
     options = (variance_type, prediction_type, clip_sample, clip_sample_range, thresholding,
-               dynamic_thresholding_ratio, sample_max_value, guidance_scale, backend)
+               dynamic_thresholding_ratio, sample_max_value, guidance_scale, guidance_rescale, backend)
     key = plan = None
     if not torch.compiler.is_compiling():
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
@@ -207,7 +222,7 @@ _PLANS = C.plan_cache()
 
 def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, noise, generator, variance_type,
                prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
-               sample_max_value, guidance_scale, backend):
+               sample_max_value, guidance_scale, guidance_rescale, backend):
     """Every check of ``ddpm_step``; returns (plan, timestep, prev_timestep) with the timesteps normalised."""
     C.check_tensor("sample", sample, ndim_min=2)
     C.check_tensor("model_output", model_output, ndim_min=2)
@@ -227,13 +242,15 @@ def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
                                       clip_sample_range=clip_sample_range, thresholding=thresholding,
                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                       sample_max_value=sample_max_value, guidance_scale=guidance_scale)
+    guidance_rescale = C.check_guidance_rescale(guidance_rescale, guidance_scale)
     C.check_abar_at_timesteps(alphas_cumprod, timestep, prev_timestep, prediction_type)
     C.check_generator(generator, noise)
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
     chosen = backends.resolve("ddpm_step", backend, device)
     options = dict(variance_type=variance_type, prediction_type=prediction_type, **x0_options._asdict(),
-                   guidance_scale=None if guidance_scale is None else float(guidance_scale))
+                   guidance_scale=None if guidance_scale is None else float(guidance_scale),
+                   guidance_rescale=guidance_rescale)
     tensors = (model_output, sample, noise)
     relayout = not all(x is None or x.is_contiguous() for x in tensors) if learned else not C.laid_out_alike(tensors)
     plan = _DdpmPlan(chosen, backends.eager_implementation(chosen, "ddpm_step"), options, learned, relayout,

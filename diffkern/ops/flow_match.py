@@ -51,19 +51,6 @@ DECLARATION = OpDeclaration.single_entry(
 )
 
 
-def guided_velocity(model_output: torch.Tensor, batch: int, guidance_scale: Optional[float],
-                    guidance_rescale: float) -> torch.Tensor:
-    """The velocity the step uses, in ``model_output``'s dtype: the model output, or with ``guidance_scale`` the
-    guided one (``_common.apply_guidance``), std-rescaled as diffusers' ``rescale_noise_cfg`` when
-    ``guidance_rescale`` is not 0."""
-    v = C.apply_guidance(model_output, batch, guidance_scale)
-    if guidance_scale is not None and guidance_rescale != 0:
-        cond = model_output[batch:]
-        rescaled = v * (F.per_sample_std(cond) / F.per_sample_std(v))
-        v = guidance_rescale * rescaled + (1 - guidance_rescale) * v
-    return v
-
-
 def flow_match_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
                               sigma: torch.Tensor, sigma_next: torch.Tensor, *, guidance_scale: Optional[float],
                               guidance_rescale: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +60,7 @@ def flow_match_step_reference(model_output: torch.Tensor, sample: torch.Tensor, 
     compute = F.compute_dtype(sample)
     batch, ndim = sample.shape[0], sample.ndim
     x = sample.to(compute)
-    v = guided_velocity(model_output.to(compute), batch, guidance_scale, guidance_rescale)
+    v = C.apply_guidance(model_output.to(compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
     s = F.per_sample(sigma.to(compute), ndim)
     s_next = F.per_sample(sigma_next.to(compute), ndim)
     x0 = x - s * v
@@ -137,9 +124,7 @@ def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: F.S
     sigma_next = F.check_sigma("sigma_next", sigma_next, batch, device)
     if guided:
         guidance_scale = C.check_float("guidance_scale", guidance_scale)
-    guidance_rescale = C.check_float("guidance_rescale", guidance_rescale, low=0.0)
-    if guidance_rescale != 0 and not guided:
-        raise ValueError("guidance_rescale rescales the guided velocity and needs guidance_scale")
+    guidance_rescale = C.check_guidance_rescale(guidance_rescale, guidance_scale)
     C.check_bool("stochastic", stochastic)
     C.check_generator(generator, noise)
     if noise is not None:

@@ -183,6 +183,17 @@ def load_model_output(model_output_ptr, element, mask, cond_offset, guidance_sca
 
 
 @triton.jit
+def rescale_guided(guided, factor_ptr, sample, rescale, keep, RESCALE: tl.constexpr):
+    """With ``RESCALE``, the guidance rescale of the guided model output, r (guided q) + keep guided, with the
+    sample's q = std(cond) / std(guided) (``_guidance.rescale_factor``) and keep = 1 - r rounded once on the host,
+    in ``_common.rescale_guided``'s operation order; else ``guided`` as it is."""
+    if RESCALE:
+        q = tl.load(factor_ptr + sample)
+        guided = rescale * (guided * q) + keep * guided
+    return guided
+
+
+@triton.jit
 def predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION: tl.constexpr):
     """x0 from the model output (``x`` unused for ``sample`` prediction), as ``_common.predict_x0_eps``."""
     if PREDICTION == EPSILON:
@@ -228,10 +239,10 @@ def store_step_outputs(prev_out_ptr, x0_out_ptr, element, mask, prev, x0):
 # Every kernel takes its host timesteps with do_not_specialize (see "Timesteps" above): a plain runtime argument,
 # so a sampling loop compiles one variant, not one per value class (Triton specialises ints on divisibility by 16).
 @triton.jit(do_not_specialize=["host_timestep"])
-def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_stride, num_train, timesteps_ptr,
-                   timesteps_stride, host_timestep, n, blocks_per_sample, model_output_sample_stride, cond_offset,
-                   guidance_scale, PREDICTION: tl.constexpr, GUIDED: tl.constexpr, TIMESTEP_ON_HOST: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, factor_ptr, table_ptr, table_stride, num_train,
+                   timesteps_ptr, timesteps_stride, host_timestep, n, blocks_per_sample, model_output_sample_stride,
+                   cond_offset, guidance_scale, rescale, keep, PREDICTION: tl.constexpr, GUIDED: tl.constexpr,
+                   RESCALE: tl.constexpr, TIMESTEP_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     """|x0| in fp32, ``[B, n]`` dense: the first pass of dynamic thresholding (same x0 as the step kernels)."""
     sample, offsets, mask = program_span(n, blocks_per_sample, BLOCK)
     _, a = gather_abar(table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep, sample,
@@ -240,6 +251,7 @@ def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_st
     sqrt_beta = tl.sqrt_rn(1.0 - a)
     model_out = load_model_output(model_output_ptr, sample * model_output_sample_stride + offsets, mask, cond_offset,
                                   guidance_scale, GUIDED)
+    model_out = rescale_guided(model_out, factor_ptr, sample, rescale, keep, RESCALE)
     if PREDICTION == SAMPLE:
         x = model_out  # not read: x0 is the model output itself
     else:
@@ -254,10 +266,12 @@ def _abs_x0_kernel(model_output_ptr, sample_ptr, abs_x0_ptr, table_ptr, table_st
 
 def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor,
                     timestep: TimestepArgs, *, prediction_type: str, guidance_scale: Optional[float],
-                    model_output_sample_stride: int, ratio: float, sample_max_value: float) -> torch.Tensor:
+                    model_output_sample_stride: int, ratio: float, sample_max_value: float,
+                    factor: Optional[torch.Tensor], guidance_rescale: float) -> torch.Tensor:
     """Per-sample dynamic-thresholding scale, float32 ``[B]``: one kernel pass writing |x0| (fp32, ``B*n``),
     then ``_common.threshold_scale_from_abs``'s selection (one ``kthvalue`` per order statistic needed), which
-    needs no ``abs`` copy since the kernel wrote absolute values. ``timestep``: ``timestep_args``' form."""
+    needs no ``abs`` copy since the kernel wrote absolute values. ``timestep``: ``timestep_args``' form;
+    ``factor``: the guidance rescale's per-sample factor, or None (no rescale)."""
     batch = sample.shape[0]
     n = sample.numel() // batch
     abs_x0 = torch.empty((batch, n), dtype=torch.float32, device=sample.device)
@@ -265,11 +279,12 @@ def threshold_scale(model_output: torch.Tensor, sample: torch.Tensor, alphas_cum
     cfg = launch_config(batch, n)
     with device_guard(sample):
         _abs_x0_kernel[cfg.grid](
-            model_output, sample, abs_x0, table, table_stride, num_train, timestep.ptr, timestep.stride,
+            model_output, sample, abs_x0, factor, table, table_stride, num_train, timestep.ptr, timestep.stride,
             timestep.host, n, cfg.blocks_per_sample, model_output_sample_stride,
             batch * model_output_sample_stride, 0.0 if guidance_scale is None else guidance_scale,
-            PREDICTION=PREDICTION_CODES[prediction_type], GUIDED=guidance_scale is not None,
-            TIMESTEP_ON_HOST=timestep.on_host, BLOCK=cfg.block, num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
+            guidance_rescale, 1 - guidance_rescale, PREDICTION=PREDICTION_CODES[prediction_type],
+            GUIDED=guidance_scale is not None, RESCALE=factor is not None, TIMESTEP_ON_HOST=timestep.on_host,
+            BLOCK=cfg.block, num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
     return C.threshold_scale_from_abs(abs_x0, ratio, sample_max_value)
 
 
@@ -281,7 +296,7 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
                 alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike,
                 family_args: Dict[str, Any], *, prediction_type: str, clip_sample: bool, clip_sample_range: float,
                 thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
-                guidance_scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                guidance_scale: Optional[float], guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs a step kernel over the flat buffers; returns (prev_sample, pred_original_sample) in the sample's
     dtype and layout.
 
@@ -290,9 +305,12 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
     as the step kernels list them, then by name: the constexprs ``TIMESTEP_ON_HOST`` and
     ``PREV_TIMESTEP_ON_HOST``, ``model_output_sample_stride`` (elements per model-output sample:
     n, or 2n for a learned variance), ``cond_offset`` (where the conditional half starts; 0 unguided),
-    ``clip_range``, ``guidance_scale`` and the constexprs ``PREDICTION``, ``CLIP``, ``THRESHOLD``,
-    ``HAS_NOISE`` (``noise`` given), ``GUIDED`` and ``BLOCK``, plus the family's own ``family_args``. With
-    ``thresholding`` a first pass computes the per-sample scale (``threshold_scale``), which the kernel reads."""
+    ``clip_range``, ``guidance_scale``, ``rescale``, ``keep`` and the constexprs ``PREDICTION``, ``CLIP``,
+    ``THRESHOLD``, ``HAS_NOISE`` (``noise`` given), ``GUIDED``, ``RESCALE`` and ``BLOCK``, plus the family's own
+    ``family_args``; the per-sample buffers ``scale_ptr`` and ``factor_ptr`` follow the noise. With a guidance
+    rescale (``guidance_scale`` given and ``guidance_rescale`` not 0) a stats pass first computes the per-sample
+    factor (``_guidance.rescale_factor``); with ``thresholding`` a pass then computes the per-sample scale
+    (``threshold_scale``, from the rescaled output); the step kernel reads both."""
     prev_out = torch.empty_like(sample)
     x0_out = torch.empty_like(sample)
     if sample.numel() == 0:
@@ -304,21 +322,27 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
     table, table_stride, num_train = table_args(alphas_cumprod)
     timestep = timestep_args(timestep, table)
     prev_timestep = timestep_args(prev_timestep, table)
-    scale = None
+    rescaled = guided and guidance_rescale != 0
+    factor = scale = None
+    if rescaled:
+        from diffkern.triton import _guidance  # (it imports this module)
+
+        factor = _guidance.rescale_factor(model_output, batch, n, guidance_scale, model_output_sample_stride)
     if thresholding:
         scale = threshold_scale(model_output, sample, table, timestep, prediction_type=prediction_type,
                                 guidance_scale=guidance_scale, model_output_sample_stride=model_output_sample_stride,
-                                ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+                                ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value, factor=factor,
+                                guidance_rescale=guidance_rescale)
     cfg = launch_config(batch, n)
     with device_guard(sample):
         kernel[cfg.grid](
-            model_output, sample, noise, scale, prev_out, x0_out,
+            model_output, sample, noise, scale, factor, prev_out, x0_out,
             table, table_stride, num_train, timestep.ptr, timestep.stride, timestep.host,
             prev_timestep.ptr, prev_timestep.stride, prev_timestep.host, n, cfg.blocks_per_sample,
             model_output_sample_stride=model_output_sample_stride,
             cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
-            guidance_scale=guidance_scale if guided else 0.0, PREDICTION=PREDICTION_CODES[prediction_type],
-            CLIP=clip_sample and not thresholding, THRESHOLD=thresholding, HAS_NOISE=noise is not None,
-            GUIDED=guided, TIMESTEP_ON_HOST=timestep.on_host, PREV_TIMESTEP_ON_HOST=prev_timestep.on_host,
+            guidance_scale=guidance_scale if guided else 0.0, rescale=guidance_rescale, keep=1 - guidance_rescale,
+            PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_sample and not thresholding,
+            THRESHOLD=thresholding, HAS_NOISE=noise is not None, GUIDED=guided, RESCALE=rescaled, TIMESTEP_ON_HOST=timestep.on_host, PREV_TIMESTEP_ON_HOST=prev_timestep.on_host,
             BLOCK=cfg.block, num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
     return prev_out, x0_out

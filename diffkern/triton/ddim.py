@@ -3,6 +3,7 @@
 Per sample (a = abar_t, a' = abar_prev, both gathered in the kernel; see ``diffkern.ops.ddim`` for the math):
 
     model_out = uncond + s (cond - uncond)          (with guidance; else the model output)
+    model_out = r (model_out q) + (1 - r) model_out (guidance_rescale r; q = std(cond) / std(model_out))
     x0, eps   = prediction(x, model_out, a)         then threshold or clip x0
     sigma     = eta sqrt((1 - a') / (1 - a) (1 - a / a'))
     eps       = (x - sqrt(a) x0) / sqrt(1 - a)      (use_clipped_model_output)
@@ -12,6 +13,8 @@ Passes over memory:
 
 - default: one kernel reads the model output (both halves with guidance), x and z (eta > 0) once each and
   writes x_prev and x0 once each.
+- guidance_rescale: the stats pass of ``diffkern.triton._guidance`` first (q per sample: one more read of the
+  model output, two small launches), then the step as above, reading q.
 - dynamic thresholding: pass 1 reads the model output (and x) and writes |x0| in fp32; ``kthvalue`` selects the
   per-sample quantile (one or two selections over that buffer); pass 2 is the fused step above, reading the
   per-sample scale and recomputing x0 instead of reading it back.
@@ -31,12 +34,12 @@ from diffkern.triton import _common as K
 
 
 @triton.jit(do_not_specialize=["host_timestep", "host_prev_timestep"])
-def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
+def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, factor_ptr, prev_out_ptr, x0_out_ptr,
                       table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep,
                       prev_timesteps_ptr, prev_timesteps_stride, host_prev_timestep, n, blocks_per_sample,
                       model_output_sample_stride, cond_offset, final_alpha_cumprod, eta, clip_range, guidance_scale,
-                      PREDICTION: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr,
-                      USE_CLIPPED: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
+                      rescale, keep, PREDICTION: tl.constexpr, CLIP: tl.constexpr, THRESHOLD: tl.constexpr,
+                      USE_CLIPPED: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr, RESCALE: tl.constexpr,
                       TIMESTEP_ON_HOST: tl.constexpr, PREV_TIMESTEP_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
 
@@ -58,6 +61,7 @@ def _ddim_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     # addresses its unconditional half, and the conditional one starts cond_offset further on.
     model_element = sample * model_output_sample_stride + offsets
     model_out = K.load_model_output(model_output_ptr, model_element, mask, cond_offset, guidance_scale, GUIDED)
+    model_out = K.rescale_guided(model_out, factor_ptr, sample, rescale, keep, RESCALE)
     x = tl.load(sample_ptr + element, mask=mask).to(tl.float32)
     x0 = K.predict_x0(x, model_out, sqrt_a, sqrt_beta, PREDICTION)
     if USE_CLIPPED:

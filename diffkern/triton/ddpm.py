@@ -3,6 +3,8 @@
 Per sample (a = abar_t, a' = abar_prev or 1.0 when prev_timestep < 0; see ``diffkern.ops.ddpm`` for the math):
 
     model_out = uncond + s (cond - uncond)        (with guidance; else the model output)
+    model_out = r (model_out q) + (1 - r) model_out   (guidance_rescale r; q = std(cond) / std(model_out), over
+                                                        the prediction's C channels with a learned variance)
     x0        = prediction(x, model_out, a)       then threshold or clip
     alpha     = a / a',  beta = 1 - alpha
     x_prev    = (sqrt(a') beta / (1 - a)) x0 + (sqrt(alpha) (1 - a') / (1 - a)) x  +  std z   (std = 0 at t = 0)
@@ -16,6 +18,8 @@ Passes over memory:
 
 - default: one kernel reads the model output (both halves with guidance; p with a learned variance), x and z
   once each and writes x_prev and x0 once each.
+- guidance_rescale: the stats pass of ``diffkern.triton._guidance`` first (q per sample: one more read of the
+  model output's prediction channels, two small launches), then the step as above, reading q.
 - dynamic thresholding: pass 1 reads the model output (and x) and writes |x0| in fp32; ``kthvalue`` selects the
   per-sample quantile (one or two selections over that buffer); pass 2 is the fused step above.
 """
@@ -48,12 +52,12 @@ def _variance_code(variance_type: str) -> int:
 
 
 @triton.jit(do_not_specialize=["host_timestep", "host_prev_timestep"])
-def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_out_ptr, x0_out_ptr,
+def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, factor_ptr, prev_out_ptr, x0_out_ptr,
                       table_ptr, table_stride, num_train, timesteps_ptr, timesteps_stride, host_timestep,
                       prev_timesteps_ptr, prev_timesteps_stride, host_prev_timestep, n, blocks_per_sample,
-                      model_output_sample_stride, cond_offset, clip_range, guidance_scale,
+                      model_output_sample_stride, cond_offset, clip_range, guidance_scale, rescale, keep,
                       PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
-                      THRESHOLD: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr,
+                      THRESHOLD: tl.constexpr, HAS_NOISE: tl.constexpr, GUIDED: tl.constexpr, RESCALE: tl.constexpr,
                       TIMESTEP_ON_HOST: tl.constexpr, PREV_TIMESTEP_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
 
@@ -72,6 +76,7 @@ def _ddpm_step_kernel(model_output_ptr, sample_ptr, noise_ptr, scale_ptr, prev_o
     element = sample * n + offsets
     model_element = sample * model_output_sample_stride + offsets
     model_out = K.load_model_output(model_output_ptr, model_element, mask, cond_offset, guidance_scale, GUIDED)
+    model_out = K.rescale_guided(model_out, factor_ptr, sample, rescale, keep, RESCALE)
     x = tl.load(sample_ptr + element, mask=mask).to(tl.float32)
     x0 = K.predict_x0(x, model_out, sqrt_a, sqrt_one_minus_a, PREDICTION)
     x0 = K.clip_or_threshold(x0, scale_ptr, sample, clip_range, CLIP, THRESHOLD)
