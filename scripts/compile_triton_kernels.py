@@ -148,6 +148,21 @@ def step_cases(dtype: torch.dtype):
         use_clipped_model_output=False, **host_options)
     yield "ddpm host timesteps", lambda: implementation("triton", "ddpm_step")(
         randn(batch, *shape), x, randn(batch, *shape), table, 501, 481, variance_type="fixed_small", **host_options)
+    # The guidance rescale (the shared stats pass, and the RESCALE variants of the steps and of the thresholding
+    # pass), with a learned variance's 2C-channel model output too.
+    guided_out = randn(2 * batch, *shape)
+    for thresholding in (False, True):
+        yield (f"ddim guidance_rescale thresholding={thresholding}",
+               lambda thresholding=thresholding: diffkern.ddim_step(
+                   guided_out, per_sample, x, table, prev_timestep=per_sample - 20, guidance_scale=7.5,
+                   guidance_rescale=0.7, thresholding=thresholding, eta=1.0, noise=randn(batch, *shape),
+                   backend="triton"))
+    yield "ddpm learned_range guidance_rescale thresholding", lambda: diffkern.ddpm_step(
+        randn(2 * batch, 2 * shape[0], *shape[1:]), per_sample, x, table, noise=randn(batch, *shape),
+        variance_type="learned_range", guidance_scale=3.0, guidance_rescale=0.7, thresholding=True, backend="triton")
+    yield "ddpm fixed_small guidance_rescale", lambda: diffkern.ddpm_step(
+        guided_out, per_sample, x, table, noise=randn(batch, *shape), guidance_scale=3.0, guidance_rescale=0.7,
+        backend="triton")
     for i, variance in enumerate(VARIANCE_TYPES):
         learned = variance.startswith("learned")
         guided = i % 2 == 1
