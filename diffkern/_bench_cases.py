@@ -48,6 +48,10 @@ STEP_T = 501
 DDIM_PREV_T = STEP_T - SD_SCHEDULER["num_train_timesteps"] // INFERENCE_STEPS
 DDPM_PREV_T = STEP_T - 1
 GUIDANCE_SCALE = 7.5
+# guidance_rescale of the SDXL-style guided DDIM case (the value Lin et al. and diffusers' docs suggest).
+GUIDANCE_RESCALE = 0.7
+# The DDIM cases whose model output holds 2N samples (guidance).
+GUIDED_STEP_OPS = ("ddim_step_cfg", "ddim_step_cfg_rescale")
 # A flow-matching step in the middle of a 28-step SD3 schedule (shift 3): sigma 0.7 -> 0.68 (their float32 values).
 FLOW_SIGMA, FLOW_SIGMA_NEXT = 0.7, 0.68
 FLOW_GUIDANCE_SCALE = 7.0
@@ -92,6 +96,12 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
            f"DDIM step with classifier-free guidance (scale {GUIDANCE_SCALE}) and eta = 1 with given noise",
            ByteModel("6 E s", "read model_output (2N samples: 2 E), sample and noise; write prev_sample and "
                               "pred_original_sample", lambda E, s, N, C: 6 * E * s), BASELINES),
+    OpSpec("ddim_step_cfg_rescale", "step",
+           f"DDIM step with guidance (scale {GUIDANCE_SCALE}) and guidance_rescale {GUIDANCE_RESCALE} (SDXL's "
+           "pipelines' rescale_noise_cfg), eta = 1 with given noise",
+           ByteModel("8 E s", "read model_output twice (the statistics pass and the step: 4 E), sample and noise; "
+                              "write prev_sample and pred_original_sample", lambda E, s, N, C: 8 * E * s), BASELINES,
+           note="the diffusers baseline is the pipelines' guidance and rescale_noise_cfg, then DDIMScheduler.step"),
     OpSpec("ddpm_step", "step", "DDPM ancestral step, fixed_small variance, given noise, t 501 -> 500",
            ByteModel("5 E s", "read model_output, sample and noise; write prev_sample and pred_original_sample",
                      lambda E, s, N, C: 5 * E * s), BASELINES,
@@ -322,10 +332,10 @@ def build_workload(case: Case, device, seed: int = 0) -> Workload:
         if case.op == "add_noise":
             inputs = {"x0": _random(shape, dtype, device, gen), "noise": _random(shape, dtype, device, gen)}
         else:
-            batch = 2 * shape[0] if case.op == "ddim_step_cfg" else shape[0]
+            batch = 2 * shape[0] if case.op in GUIDED_STEP_OPS else shape[0]
             inputs = {"model_output": _random((batch,) + shape[1:], dtype, device, gen),
                       "sample": _random(shape, dtype, device, gen)}
-            if case.op in ("ddim_step_cfg", "ddpm_step"):
+            if case.op in GUIDED_STEP_OPS + ("ddpm_step",):
                 inputs["noise"] = _random(shape, dtype, device, gen)
     elif case.spec.family == "flow":
         # 0-d device tensors, as indexing a scheduler's ``sigmas`` on the device yields them.
@@ -368,10 +378,10 @@ def eager_add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, tabl
 
 def eager_ddim_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, sample: torch.Tensor,
                     table: torch.Tensor, eta: float = 0.0, noise: Optional[torch.Tensor] = None,
-                    guidance_scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    guidance_scale: Optional[float] = None,
+                    guidance_rescale: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     if guidance_scale is not None:
-        uncond, cond = model_output.chunk(2)
-        model_output = uncond + guidance_scale * (cond - uncond)
+        model_output = guided_rescaled(model_output, guidance_scale, guidance_rescale)
     a, a_prev = _gather(table, t), _gather(table, t_prev)
     beta = 1 - a
     x0 = (sample - beta ** 0.5 * model_output) / a ** 0.5
@@ -451,10 +461,12 @@ def _diffkern_impl(case: Case, shared: Dict[str, Any], backend: str) -> ImplFn:
     if op == "ddim_step":
         return lambda s: tuple(diffkern.ddim_step(s["model_output"], shared["t"], s["sample"], table,
                                                   prev_timestep=shared["t_prev"], backend=backend))
-    if op == "ddim_step_cfg":
+    if op in GUIDED_STEP_OPS:
+        rescale = _step_rescale(op)
         return lambda s: tuple(diffkern.ddim_step(s["model_output"], shared["t"], s["sample"], table,
                                                   prev_timestep=shared["t_prev"], eta=1.0, noise=s["noise"],
-                                                  guidance_scale=GUIDANCE_SCALE, backend=backend))
+                                                  guidance_scale=GUIDANCE_SCALE, guidance_rescale=rescale,
+                                                  backend=backend))
     if op == "ddpm_step":
         return lambda s: tuple(diffkern.ddpm_step(s["model_output"], shared["t"], s["sample"], table,
                                                   prev_timestep=shared["t_prev"], noise=s["noise"],
@@ -487,6 +499,11 @@ def _group_norm_impl(case: Case, shared: Dict[str, Any], fn: Callable) -> ImplFn
     return forward_backward
 
 
+def _step_rescale(op: str) -> float:
+    """The guidance_rescale of a guided DDIM case."""
+    return GUIDANCE_RESCALE if op == "ddim_step_cfg_rescale" else 0.0
+
+
 def _flow_options(op: str) -> Dict[str, Any]:
     """The guidance options of a flow case."""
     if op == "flow_match_step":
@@ -504,6 +521,7 @@ def _baseline_impl(case: Case, shared: Dict[str, Any], compiled: bool) -> ImplFn
         options = _flow_options(op)
         return lambda s: fn(s["model_output"], s["sample"], shared["sigma"], shared["sigma_next"], **options)
     eager = {"add_noise": eager_add_noise, "ddim_step": eager_ddim_step, "ddim_step_cfg": eager_ddim_step,
+             "ddim_step_cfg_rescale": eager_ddim_step,
              "ddpm_step": eager_ddpm_step, "group_norm_silu": eager_group_norm_silu,
              "group_norm_silu_fwd_bwd": eager_group_norm_silu}[op]
     if compiled:
@@ -518,9 +536,9 @@ def _baseline_impl(case: Case, shared: Dict[str, Any], compiled: bool) -> ImplFn
         return lambda s: (fn(s["x0"], s["noise"], shared["t"], table),)
     if op == "ddim_step":
         return lambda s: fn(s["model_output"], shared["t"], shared["t_prev"], s["sample"], table)
-    if op == "ddim_step_cfg":
+    if op in GUIDED_STEP_OPS:
         return lambda s: fn(s["model_output"], shared["t"], shared["t_prev"], s["sample"], table, 1.0, s["noise"],
-                            GUIDANCE_SCALE)
+                            GUIDANCE_SCALE, _step_rescale(op))
     if op == "ddpm_step":
         return lambda s: fn(s["model_output"], shared["t"], shared["t_prev"], s["sample"], table, s["noise"])
     return _group_norm_impl(case, shared, fn)
@@ -535,7 +553,7 @@ def _diffusers_impl(case: Case, shared: Dict[str, Any], device: torch.device) ->
     if op == "add_noise":
         scheduler = DDPMScheduler(**SD_SCHEDULER)
         return lambda s: (scheduler.add_noise(s["x0"], s["noise"], t),)
-    if op in ("ddim_step", "ddim_step_cfg"):
+    if op in ("ddim_step",) + GUIDED_STEP_OPS:
         scheduler = DDIMScheduler(**SD_SCHEDULER, **SD_DDIM_EXTRA)
         scheduler.set_timesteps(INFERENCE_STEPS, device=device)
         if op == "ddim_step":
@@ -543,8 +561,7 @@ def _diffusers_impl(case: Case, shared: Dict[str, Any], device: torch.device) ->
 
         def guided_step(s):
             # Guidance as the diffusers pipelines apply it, before the scheduler step.
-            uncond, cond = s["model_output"].chunk(2)
-            guided = uncond + GUIDANCE_SCALE * (cond - uncond)
+            guided = guided_rescaled(s["model_output"], GUIDANCE_SCALE, _step_rescale(op))
             return scheduler.step(guided, t, s["sample"], eta=1.0, variance_noise=s["noise"], return_dict=False)
         return guided_step
     if op == "ddpm_step":

@@ -78,7 +78,7 @@ def test_quick_json_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("op, per_element", [("add_noise", 3), ("ddim_step", 4), ("ddim_step_cfg", 6),
-                                             ("ddpm_step", 5)])
+                                             ("ddim_step_cfg_rescale", 8), ("ddpm_step", 5)])
 def test_step_byte_models(op, per_element):
     for dtype, size in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
         case = cases.Case(op, "t", (2, 4, 8, 8), dtype)
