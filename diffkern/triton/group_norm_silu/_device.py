@@ -1,5 +1,5 @@
 """The device functions of the GroupNorm + SiLU kernels (``_forward``, ``_backward``): tile addressing and
-masks, the affine parameters, tile moments and Chan's merge, and the loops over a chunk's tiles that compute
+masks, the affine parameters, tile moments, and the loops over a chunk's tiles that compute
 statistics, the output, the gradient sums and dx."""
 
 from __future__ import annotations
@@ -25,15 +25,17 @@ def tile(c_tile, s_tile, C, S, CPG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
          OFFSETS_64: tl.constexpr):
     """Offsets from the group's first element and the mask, both [BLOCK_S, BLOCK_C], and the channel-in-group
     index [BLOCK_C] of tile (c_tile, s_tile)."""
-    s_idx = s_tile * BLOCK_S + tl.arange(0, BLOCK_S)
     c_idx = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (s_idx < S)[:, None] & (c_idx < CPG)[None, :]
     if OFFSETS_64:
-        s_off = s_idx.to(tl.int64)
+        # Widened before the multiply: the last tile's s_tile * BLOCK_S + BLOCK_S may pass 2^31 when S nears it.
+        s_idx = tl.cast(s_tile, tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_off = s_idx
         c_off = c_idx.to(tl.int64)
     else:
+        s_idx = s_tile * BLOCK_S + tl.arange(0, BLOCK_S)
         s_off = s_idx
         c_off = c_idx
+    mask = (s_idx < S)[:, None] & (c_idx < CPG)[None, :]
     if CHANNELS_LAST:
         offsets = s_off[:, None] * C + c_off[None, :]
     else:
@@ -100,30 +102,39 @@ def tile_moments(x, mask, count):
 
 
 @triton.jit
-def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Chan et al.'s combination of two (count, mean, M2) summaries; exact for count_a == 0."""
-    count = count_a + count_b
-    delta = mean_b - mean_a
-    share_b = count_b / count
-    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * count_a * share_b
+def chunk_count(c_begin, c_end, s_begin, s_end, S, CPG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The number of in-bounds elements of tiles [c_begin, c_end) x [s_begin, s_end), as fp32 (a chunk may pass
+    2^31 elements)."""
+    cols = tl.minimum(CPG, c_end * BLOCK_C) - c_begin * BLOCK_C
+    rows = tl.minimum(S, s_end * BLOCK_S) - s_begin * BLOCK_S
+    return tl.cast(cols, tl.float32) * tl.cast(rows, tl.float32)
 
 
 @triton.jit
 def chunk_moments(x_grp, c_begin, c_end, s_begin, s_end, C, S, CPG, BLOCK_S: tl.constexpr,
                   BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, OFFSETS_64: tl.constexpr):
-    """(count, mean, M2) in fp32 over tiles [c_begin, c_end) x [s_begin, s_end) of one group."""
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
+    """(count, mean, M2) in fp32 over tiles [c_begin, c_end) x [s_begin, s_end) of one group.
+
+    Shifted sums: every lane accumulates d = x - K and d^2 in registers over the tiles, and the lanes are reduced
+    once at the end (no cross-thread reduction, no barrier, inside the loop). K is the mean of the chunk's first
+    tile, so |mean - K| is a fraction of the spread and M2 = sum d^2 - (sum d)^2 / count does not cancel even when
+    |mean| >> std. Masked lanes count d = 0."""
+    offsets, mask, _ = tile(c_begin, s_begin, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
+    first = tl.load(x_grp + offsets, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(first) / chunk_count(c_begin, c_begin + 1, s_begin, s_begin + 1, S, CPG, BLOCK_S, BLOCK_C)
+    sum_d = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    sum_d2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for c_tile in range(c_begin, c_end):
-        tile_cols = tl.minimum(CPG - c_tile * BLOCK_C, BLOCK_C)
         for s_tile in range(s_begin, s_end):
             offsets, mask, _ = tile(c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64)
             x = tl.load(x_grp + offsets, mask=mask, other=0.0).to(tl.float32)
-            tile_count = (tl.minimum(S - s_tile * BLOCK_S, BLOCK_S) * tile_cols).to(tl.float32)
-            tile_mean, tile_m2 = tile_moments(x, mask, tile_count)
-            count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
-    return count, mean, m2
+            d = tl.where(mask, x - shift, 0.0)
+            sum_d += d
+            sum_d2 += d * d
+    count = chunk_count(c_begin, c_end, s_begin, s_end, S, CPG, BLOCK_S, BLOCK_C)
+    total_d = tl.sum(sum_d)
+    m2 = tl.maximum(tl.sum(sum_d2) - total_d * (total_d / count), 0.0)
+    return count, shift + total_d / count, m2
 
 
 @triton.jit
@@ -164,27 +175,30 @@ def chunk_grad_sums(x_grp, dy_grp, w_ptr, b_ptr, dw_row, db_row, channel0, mean,
     """sum(dxhat) and sum(dxhat * xhat) over tiles [c_begin, c_end) x [s_begin, s_end) of one group; stores
     the per-channel sums of dz * xhat (dweight) and dz (dbias) over those tiles at ``dw_row`` / ``db_row``
     (rows of the partial buffer, indexed by channel)."""
-    sum_dxhat = 0.0
-    sum_dxhat_xhat = 0.0
+    # Per-lane accumulators, reduced across the block once per channel tile (dweight/dbias) and once at the end.
+    acc_dxhat = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    acc_dxhat_xhat = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for c_tile in range(c_begin, c_end):
         c_idx, w, b = load_tile_affine(w_ptr, b_ptr, channel0, c_tile, CPG, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
-        dw_acc = tl.zeros([BLOCK_C], tl.float32)
-        db_acc = tl.zeros([BLOCK_C], tl.float32)
+        dw_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        db_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for s_tile in range(s_begin, s_end):
             offsets, mask, x = load_x_tile(x_grp, mean, c_tile, s_tile, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST,
                                            OFFSETS_64)
             dy = tl.load(dy_grp + offsets, mask=mask, other=0.0).to(tl.float32)
             xhat, dz, dxhat = tile_grads(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS)
-            sum_dxhat += tl.sum(dxhat)
-            sum_dxhat_xhat += tl.sum(dxhat * xhat)
+            acc_dxhat += dxhat
+            acc_dxhat_xhat += dxhat * xhat
             if HAS_WEIGHT:
-                dw_acc += tl.sum(dz * xhat, axis=0)
+                dw_acc += dz * xhat
             if HAS_BIAS:
-                db_acc += tl.sum(dz, axis=0)
+                db_acc += dz
         if HAS_WEIGHT:
-            tl.store(dw_row + channel0 + c_idx, dw_acc, mask=c_idx < CPG)
+            tl.store(dw_row + channel0 + c_idx, tl.sum(dw_acc, axis=0), mask=c_idx < CPG)
         if HAS_BIAS:
-            tl.store(db_row + channel0 + c_idx, db_acc, mask=c_idx < CPG)
+            tl.store(db_row + channel0 + c_idx, tl.sum(db_acc, axis=0), mask=c_idx < CPG)
+    sum_dxhat = tl.sum(acc_dxhat)
+    sum_dxhat_xhat = tl.sum(acc_dxhat_xhat)
     return sum_dxhat, sum_dxhat_xhat
 
 
