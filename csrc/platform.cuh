@@ -168,8 +168,13 @@ inline void launch(const char* kernel_name, void (*kernel)(KernelArgs...), dim3 
                    size_t smem_bytes, cudaStream_t /*stream*/, Args&&... args) {
   // Every emulated thread calls the kernel with the arguments as given: the same implicit conversions to the
   // parameter types as kernel<<<...>>>(args...), and each thread gets its own copies of the parameters.
-  diffkern_emu::run_grid(grid, block, smem_bytes, static_cast<size_t>(device_props(-1).max_smem_optin),
-                         [&] { kernel(args...); });
+  const size_t smem_limit = static_cast<size_t>(device_props(-1).max_smem_optin);
+  if (diffkern_emu::record_launch(kernel_name, reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
+                                  smem_limit)) {
+    check_launch(kernel_name);
+    return;
+  }
+  diffkern_emu::run_grid(grid, block, smem_bytes, smem_limit, [&] { kernel(args...); });
   check_launch(kernel_name);
 }
 

@@ -95,16 +95,29 @@ __device__ __forceinline__ uint4 load_raw16(const void* p) { return *reinterpret
 
 __device__ __forceinline__ void store_raw16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// A 16-byte store to global memory as one instruction (st.global.v4.u32: STG.E.128 in SASS). nvcc 13 splits
+// store_raw16's plain uint4 store into four 32-bit stores (STG.E x4) in the elementwise engine's loop, which
+// scripts/kernel_report.py's contract rejects (__stwb would give STG.E.128.STRONG.SM). The host emulation stores
+// plainly.
+__device__ __forceinline__ void store_global16(void* p, const uint4& v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(p) = v;
+#endif
+}
+
 // Loads kVec<T> elements from a 16-byte aligned address as floats.
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, float (&f)[kVec<T>]) {
   unpack_vec<T>(load_raw16(p), f);
 }
 
-// Stores kVec<T> floats to a 16-byte aligned address.
+// Stores kVec<T> floats to a 16-byte aligned address of global memory.
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&f)[kVec<T>]) {
-  store_raw16(p, pack_vec<T>(f));
+  store_global16(p, pack_vec<T>(f));
 }
 
 // Stores W floats (a multiple of kVec<TO>) to a 16-byte aligned address of TO elements.

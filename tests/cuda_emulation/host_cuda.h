@@ -41,6 +41,12 @@
 //     from the GPU's in the last bits; the comparisons use the project's tolerance table, not bitwise equality.
 //   - Out-of-bounds accesses: they touch host memory (crash or silent) rather than fault.
 //   - Streams, asynchrony, CUDA graphs, occupancy, registers, timing: nothing of these.
+//
+// Launch recording (scripts/kernel_report.py): with DIFFKERN_EMU_LAUNCH_LOG=<file>, a launch runs nothing; it
+// appends one line to <file> (name, the kernel function's offset in its shared object, grid, block, dynamic
+// shared memory) and is checked as above. The ops' host code (checks, planner, allocations, grid) runs as it
+// would before a real launch, so the report sees the real grids at full-size shapes without computing anything
+// (outputs are garbage then).
 #pragma once
 #define DIFFKERN_HOST_CUDA_H 1
 
@@ -49,7 +55,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <dlfcn.h>
+
 #include <barrier>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -126,6 +135,26 @@ inline const char* launch_config_error(dim3 grid, dim3 block, size_t smem_bytes,
   }
   if (smem_bytes > smem_limit) return "too much dynamic shared memory for the device";
   return nullptr;
+}
+
+// Launch recording (see the header comment): true when DIFFKERN_EMU_LAUNCH_LOG is set, the launch then recorded
+// (and its configuration checked) instead of run.
+inline bool record_launch(const char* kernel_name, const void* kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                          size_t smem_limit) {
+  const char* path = std::getenv("DIFFKERN_EMU_LAUNCH_LOG");
+  if (path == nullptr || *path == '\0') return false;
+  static std::mutex log_lock;
+  const std::lock_guard<std::mutex> lock(log_lock);
+  Dl_info info{};
+  const uintptr_t base = dladdr(kernel, &info) != 0 ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+  if (FILE* f = std::fopen(path, "a")) {
+    std::fprintf(f, "%s\t%#zx\t%u,%u,%u\t%u,%u,%u\t%zu\n", kernel_name,
+                 static_cast<size_t>(reinterpret_cast<uintptr_t>(kernel) - base), grid.x, grid.y, grid.z, block.x,
+                 block.y, block.z, smem_bytes);
+    std::fclose(f);
+  }
+  launch_error = launch_config_error(grid, block, smem_bytes, smem_limit);
+  return true;
 }
 
 // Held by each run_grid: one grid at a time in the process. At namespace scope, not a static of run_grid, which
