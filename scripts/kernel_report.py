@@ -11,7 +11,7 @@ the contract (``contract_violations``):
   (``load16``) and, if it writes them, 16-byte global stores (``store16``), on every path whose layout and
   alignment allow them (all the cases here: fresh, 16-byte aligned tensors whose contiguous extent -- S in NCHW, C in
   channels-last, the sample for the steps -- is a multiple of 16 bytes);
-- ``waves``: for cases whose main tensor (x, or the sample) is 8 MB or more, each streaming kernel launches at
+- ``waves``: for cases whose main tensor (x, or the sample) is 8 MiB or more, each streaming kernel launches at
   least 2 waves of CTAs;
 - ``inflight``: for those cases, at least 20 KB estimated in flight per SM (Little's law on an H200: ~4.3 TB/s
   x ~0.7 us / 132 SMs ~ 23 KB).
@@ -86,7 +86,7 @@ MAX_THREADS_PER_SM = 2048
 MAX_CTAS_PER_SM = 32
 ARCH = 90
 
-BIG_CASE_BYTES = 8 * 1024 * 1024   # the waves and in-flight rules apply from this size of the main tensor up
+BIG_CASE_BYTES = 8 * 1024 * 1024   # 8 MiB: the waves and in-flight rules apply from this size of the main tensor up
 MIN_WAVES = 2.0
 MIN_INFLIGHT_BYTES = 20 * 1024
 
