@@ -47,6 +47,11 @@ The model (estimates from compiled code, not measurements)
                 loop issues after a dependent one are counted too). Latency hiding by instruction-level
                 parallelism across iterations, L2 hits and the tail of the last wave are not modelled.
 
+Table columns: reg (registers per thread), spl (local-memory instructions), smem (shared memory per CTA, static +
+dynamic), ld(hot) (the hot loop's global load widths in bytes, xN = N of them), st (every global store width of the
+kernel), thr (threads per CTA), CTAs, occ (CTAs resident per SM), waves, B/thr (hot-loop load bytes per thread),
+KB/SM (estimated in flight), violations (rule=value).
+
     python scripts/kernel_report.py                    # the table
     python scripts/kernel_report.py --json out.json    # and the data (rows and the contract's violations)
     python scripts/kernel_report.py --only group_norm  # cases whose id contains the text
@@ -572,7 +577,7 @@ def device_code(build_dir: Path, object_dirs: Sequence[Path], log=print) -> List
 
         def compile_one(item):
             src, cubin = item
-            tmp = cubin.with_suffix(".tmp.cubin")
+            tmp = cubin.with_suffix(f".{os.getpid()}.tmp.cubin")  # concurrent reports may share the directory
             _run([nvcc, *flags, "-cubin", f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}", src, "-o", tmp])
             tmp.replace(cubin)
 
@@ -689,14 +694,14 @@ def _widths(counts: Dict[str, int]) -> str:
 
 def print_table(rows: Sequence[Row], out=sys.stdout) -> None:
     header = (f"{'backend':7s} {'case':58s} {'kernel':40s} {'reg':>3s} {'spl':>3s} {'smem':>6s} {'ld(hot)':>10s} "
-              f"{'st(hot)':>8s} {'thr':>4s} {'CTAs':>7s} {'occ':>4s} {'waves':>6s} {'B/thr':>5s} {'KB/SM':>6s}  "
+              f"{'st':>8s} {'thr':>4s} {'CTAs':>7s} {'occ':>4s} {'waves':>6s} {'B/thr':>5s} {'KB/SM':>6s}  "
               f"violations")
     print(header, file=out)
     for r in rows:
         kernel = r.kernel if len(r.kernel) <= 40 else r.kernel[:37] + "..."
         viol = " ".join(f"{k}={v:g}" for k, v in r.violations.items())
         print(f"{r.backend:7s} {r.case:58s} {kernel:40s} {r.regs:3d} {r.local_accesses:3d} {r.smem:6d} "
-              f"{_widths(r.hot_loads):>10s} {_widths(r.hot_stores or r.stores):>8s} {r.threads:4d} {r.ctas:7d} "
+              f"{_widths(r.hot_loads):>10s} {_widths(r.stores):>8s} {r.threads:4d} {r.ctas:7d} "
               f"{r.occupancy_ctas:4d} {r.waves:6.2f} {r.hot_load_bytes:5d} {r.inflight_bytes / 1024:6.1f}  {viol}",
               file=out)
 
