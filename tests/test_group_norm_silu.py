@@ -742,8 +742,9 @@ def test_triton_default_plan_splits_few_large_groups(tgn, randn):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_triton_plan_for_stable_diffusion_shapes(tgn, backward):
-    """The heuristic on an H100 (132 SMs): few large groups split, small groups read once, many large groups
-    loop."""
+    """The heuristic on an H100 (132 SMs): large groups split into chunks until there are two waves of programs
+    (UNet shapes up to batch 16 included), small groups read once, large groups that already make two waves
+    loop; a split gets at least the chunks it aims for where the tiles allow."""
     tuning = tgn.BACKWARD if backward else tgn.FORWARD
 
     def regime(n, c, s, channels_last=False):
@@ -752,7 +753,10 @@ def test_triton_plan_for_stable_diffusion_shapes(tgn, backward):
     assert regime(1, 320, 64 * 64) == "split"
     assert regime(2, 320, 64 * 64, channels_last=True) == "split"
     assert regime(2, 640, 32 * 32) == "split"
-    assert regime(16, 320, 64 * 64) == "looped"
+    assert regime(16, 320, 64 * 64) == "split"
+    assert regime(128, 320, 64 * 64) == "looped"
+    # One group is 10 channel rows of 4096 pixels: 10 chunks of one row forward, 20 of half a row backward.
+    assert tgn.make_plan((1, 320, 64 * 64), 32, False, 132, tuning).chunks == (20 if backward else 10)
     assert regime(2, 320, 8 * 8) == "single"
     assert regime(2, 1280, 16 * 16) == ("split" if backward else "single")
 

@@ -7,8 +7,9 @@ Regimes
     single  The group, padded to a power-of-two tile, fits in registers (forward: at most 16K elements;
             backward: 8K, since x and dy are both held). One program per (n, g) reads its group once.
             Forward: 2 passes over memory (read x, write y). Backward: 3 (read x and dy, write dx).
-    split   The group is too big for one tile and N*G programs would leave SMs idle (Stable Diffusion at
-            batch 1-2: 32-64 groups against 132 SMs). Each group is cut into K rectangular chunks of
+    split   The group is too big for one tile and N*G programs make fewer than two waves (Stable Diffusion's
+            UNet up to batch 16, the VAE decoder: 32-512 groups against 132 SMs of 4-8 programs each), which
+            would leave SMs short of loads in flight. Each group is cut into K rectangular chunks of
             whole tiles. Kernel A writes per-chunk partials to a small fp32 buffer; kernel B merges its
             group's K partials in a fixed order and finishes its own chunk, reading it again (from L2 when
             the tensor fits there, as at those batch sizes). Forward: x read twice, y written once.
@@ -33,12 +34,15 @@ class Tuning(NamedTuple):
     single_read_elems: int  # largest padded group tile kept in registers by one program
     loop_tile_elems: int  # tile size when looping over a group
     min_chunk_elems: int  # never split a group into chunks smaller than this
-    programs_per_sm: int  # how many programs the split regime aims for per SM
+    waves: int  # how many full waves of programs (every SM at its thread limit) the split regime aims for
 
 
-FORWARD = Tuning(single_read_elems=16384, loop_tile_elems=4096, min_chunk_elems=4096, programs_per_sm=2)
+FORWARD = Tuning(single_read_elems=16384, loop_tile_elems=4096, min_chunk_elems=4096, waves=2)
 # The backward holds two tensors (x and dy) per tile, so its tiles are half the size.
-BACKWARD = Tuning(single_read_elems=8192, loop_tile_elems=2048, min_chunk_elems=4096, programs_per_sm=2)
+BACKWARD = Tuning(single_read_elems=8192, loop_tile_elems=2048, min_chunk_elems=2048, waves=2)
+
+# Threads an SM holds at once (sm_80 to sm_120 alike): with the program size, what one wave is.
+THREADS_PER_SM = 2048
 
 # The interpreter has no SMs; this stand-in only decides which regime CPU runs take.
 INTERPRETER_SM_COUNT = 4
@@ -102,7 +106,9 @@ def _split_counts(want: int, c_tiles: int, s_tiles: int, channels_last: bool) ->
     else:
         c_chunks = min(want, c_tiles)
         s_chunks = min(triton.cdiv(want, c_chunks), s_tiles)
-    c_per, s_per = triton.cdiv(c_tiles, c_chunks), triton.cdiv(s_tiles, s_chunks)
+    # Tiles per chunk rounded down, so that there are at least as many chunks as asked for where the tiles allow
+    # (rounding up turned 9 chunks of 10 tiles into 5 of 2).
+    c_per, s_per = max(1, c_tiles // c_chunks), max(1, s_tiles // s_chunks)
     return triton.cdiv(c_tiles, c_per), triton.cdiv(s_tiles, s_per), c_per, s_per
 
 
@@ -113,8 +119,9 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
     that small test shapes reach every code path):
 
     - single if the whole group, padded to powers of two per axis, fits ``single_read_elems``;
-    - else split into about ``programs_per_sm * sm_count / (N*G)`` chunks (each at least
-      ``min_chunk_elems``) when the N*G groups are fewer than the SMs;
+    - else split, when the N*G groups are fewer programs than ``waves`` full waves (every SM holding
+      ``THREADS_PER_SM`` threads of programs), into enough chunks per group for those waves (each at least
+      ``min_chunk_elems``), so that every SM has its fill of loads in flight;
     - else looped.
     """
     if regime is not None and regime not in REGIMES:
@@ -134,7 +141,9 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
     c_per, s_per = c_tiles, s_tiles
     if regime in ("auto", "split"):
         if chunks is None:
-            want = triton.cdiv(tuning.programs_per_sm * sm_count, groups) if groups < sm_count else 1
+            programs_per_sm = max(1, THREADS_PER_SM // (32 * _num_warps(block_s * block_c)))
+            target = tuning.waves * sm_count * programs_per_sm
+            want = triton.cdiv(target, groups) if groups < target else 1
             want = min(want, max(1, cpg * spatial // tuning.min_chunk_elems))
         else:
             want = chunks
