@@ -259,7 +259,8 @@ def test_no_noise_at_t0(any_backend, table, randn, device):
     twice = diffkern.ddpm_step(model_output, timestep, sample, table, noise=2 * noise, backend=backend)
     assert backends.last_backend("ddpm_step") == backend
     assert torch.equal(once.prev_sample[0], twice.prev_sample[0])
-    assert not torch.isclose(once.prev_sample[1:], twice.prev_sample[1:]).any()
+    # (Per sample, not per element: where a noise value is near 0 the two draws give nearly the same element.)
+    assert all(not torch.equal(once.prev_sample[i], twice.prev_sample[i]) for i in (1, 2))
     assert torch.equal(once.pred_original_sample, twice.pred_original_sample)
     with_noise = diffkern.ddpm_step(model_output, 0, sample, table, noise=noise, backend=backend)
     without = diffkern.ddpm_step(model_output, 0, sample, table, generator=torch.Generator().manual_seed(1),

@@ -111,9 +111,13 @@ def float64_truth(x, dy, num_groups, weight, bias, eps=EPS):
     x64 = x.detach().double().requires_grad_()
     w64 = None if weight is None else weight.detach().double().requires_grad_()
     b64 = None if bias is None else bias.detach().double().requires_grad_()
-    # The affine part is applied by hand: F.group_norm's float64 backward fails with bias but no weight.
+    # The affine part by hand: F.group_norm's float64 backward fails with bias but no weight.
     per_channel = (-1,) + (1,) * (x.ndim - 2)
-    z64 = F.group_norm(x64, num_groups, None, None, eps)
+    # The normalisation by hand too: F.group_norm refuses groups of one element at batch 1 ("more than 1 value").
+    grouped = x64.reshape(x.shape[0], num_groups, -1)
+    mean = grouped.mean(dim=2, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=2, keepdim=True)
+    z64 = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
     if w64 is not None:
         z64 = z64 * w64.reshape(per_channel)
     if b64 is not None:
