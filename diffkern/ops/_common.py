@@ -237,6 +237,9 @@ def laid_out_alike(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     with guidance)."""
     present = [t for t in tensors if t is not None]
     first = present[0]
+    # The common case, decided without a stride loop: all contiguous with the same sample shape.
+    if all(t.is_contiguous() and t.shape[1:] == first.shape[1:] for t in present):
+        return True
     if not all(is_batch_outer_dense(t) for t in present):
         return False
     return all(first.shape[d] == 1 or t.shape[d] == 1 or first.stride(d) == t.stride(d)
