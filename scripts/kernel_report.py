@@ -68,7 +68,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,7 +76,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from diffkern._bench_cases import Case
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -120,32 +122,14 @@ RULES = ("spills", "load16", "store16", "waves", "inflight")
 # Cases
 
 
-@dataclass(frozen=True)
-class ReportCase:
-    op: str
-    label: str
-    shape: Tuple[int, ...]
-    dtype: str
-    layout: str
+# A case is the benchmarks' own (``diffkern._bench_cases.Case``: op, shape set, shape, dtype, layout; its ``id`` names
+# the report's rows), always GPU-sized here.
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
-    @property
-    def id(self) -> str:
-        layout = f"-{self.layout}" if self.op.startswith("group_norm") else ""
-        return f"{self.op}-{self.label}{layout}-{self.dtype}"
 
-    @property
-    def itemsize(self) -> int:
-        return {"fp32": 4, "fp16": 2, "bf16": 2}[self.dtype]
-
-    @property
-    def tensor_bytes(self) -> int:
-        """Bytes of the op's main tensor: x for GroupNorm, the sample for the steps."""
-        return math.prod(self.shape) * self.itemsize
-
-    def bench_case(self):
-        from diffkern import _bench_cases as B
-
-        return B.Case(self.op, self.label, self.shape, self.dtype, self.layout, "gpu")
+def tensor_bytes(case) -> int:
+    """Bytes of the op's main tensor: x for GroupNorm, the sample for the steps."""
+    return math.prod(case.shape) * ITEMSIZE[case.dtype]
 
 
 # Issue 12's GroupNorm shapes: UNet N in {1, 2, 8, 16} x (C, S) in {(320, 64^2), (640, 32^2), (1280, 16^2),
@@ -155,19 +139,19 @@ GN_SHAPES = tuple((f"unet-c{c}-{s}-n{n}", (n, c, s, s)) for c, s in ((320, 64), 
     (f"vae-c{c}-{s}-n1", (1, c, s, s)) for c, s in ((512, 128), (512, 256), (256, 512), (128, 1024)))
 
 
-def report_cases() -> List[ReportCase]:
+def report_cases() -> list:
     """GroupNorm+SiLU forward and backward (one fwd_bwd call each) at issue 12's shapes, both layouts; the step ops at
     the benchmarks' GPU shapes (SD 1.5 and SDXL latents at batch 1, 2, 8 and the 32M-element probe; SD3/FLUX and Wan
     latents for the flow steps); every dtype."""
     from diffkern import _bench_cases as B
 
     dtypes = tuple(B.DTYPES)
-    cases = [ReportCase("group_norm_silu_fwd_bwd", label, shape, dtype, layout)
+    cases = [B.Case("group_norm_silu_fwd_bwd", label, shape, dtype, layout)
              for label, shape in GN_SHAPES for layout in B.GN_LAYOUTS for dtype in dtypes]
     # Every benchmark case of the step families (a new op of theirs joins the report by itself).
     for family in ("step", "flow"):
         ops = [name for name, spec in B.OPS.items() if spec.family == family]
-        cases += [ReportCase(op, s.label, s.shape, dtype, "nchw") for op in ops for s in B.SHAPES_BY_FAMILY[family]
+        cases += [B.Case(op, s.label, s.shape, dtype, "nchw") for op in ops for s in B.SHAPES_BY_FAMILY[family]
                   if s.where == "gpu" for dtype in dtypes]
     return cases
 
@@ -185,11 +169,11 @@ def empty_inputs():
     B._random = empty
 
 
-def run_case(case: ReportCase, backend: str) -> None:
+def run_case(case: "Case", backend: str) -> None:
     import torch
     from diffkern import _bench_cases as B
 
-    workload = B.build_workload(case.bench_case(), torch.device("cpu"))
+    workload = B.build_workload(case, torch.device("cpu"))
     fn = B.make_impl(workload, backend)
     fn(workload.inputs)
 
@@ -426,7 +410,7 @@ class Row:
     violations: Dict[str, float] = field(default_factory=dict)
 
 
-def make_row(backend: str, case: ReportCase, kernel: str, variant: str, facts: SassFacts, threads: int,
+def make_row(backend: str, case: "Case", kernel: str, variant: str, facts: SassFacts, threads: int,
              grid: Sequence[int], dynamic_smem: int) -> Row:
     ctas = math.prod(grid)
     smem = facts.static_smem + dynamic_smem
@@ -434,7 +418,7 @@ def make_row(backend: str, case: ReportCase, kernel: str, variant: str, facts: S
     resident = min(occ, -(-ctas // SM_COUNT))
     base = base_name(kernel)
     row = Row(backend=backend, case=case.id, op=case.op, shape=list(case.shape), dtype=case.dtype, layout=case.layout,
-              tensor_bytes=case.tensor_bytes, kernel=kernel, base=base, role=KERNEL_ROLES.get(base, "rw"),
+              tensor_bytes=tensor_bytes(case), kernel=kernel, base=base, role=KERNEL_ROLES.get(base, "rw"),
               variant=variant, regs=facts.regs, local_bytes=facts.local_bytes, local_accesses=facts.local_accesses,
               smem=smem, threads=threads, ctas=ctas, grid=list(grid), occupancy_ctas=occ,
               occupancy=round(occ * threads / 32 / 64, 3), waves=round(ctas / (SM_COUNT * max(occ, 1)), 2),
@@ -476,7 +460,7 @@ def contract_violations(row: Row) -> Dict[str, float]:
 # Triton
 
 
-def collect_triton(cases: Sequence[ReportCase], cuobjdump: str, work: Path, log=print) -> List[Row]:
+def collect_triton(cases: Sequence["Case"], cuobjdump: str, work: Path, log=print) -> List[Row]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_report: unset TRITON_INTERPRET; the interpreter never compiles kernels")
     import triton
@@ -493,9 +477,9 @@ def collect_triton(cases: Sequence[ReportCase], cuobjdump: str, work: Path, log=
     triton_driver.set_active(ctk.CompileOnlyDriver(ARCH))
     empty_inputs()
 
-    launches: List[Tuple[ReportCase, str, str, int, Tuple[int, ...], int]] = []
+    launches: List[Tuple["Case", str, str, int, Tuple[int, ...], int]] = []
     cubins: Dict[str, Path] = {}
-    current: List[ReportCase] = []
+    current: List["Case"] = []
     original_run = JITFunction.run
 
     def record_run(kernel, *args, grid, warmup, **kwargs):
@@ -601,6 +585,7 @@ def launch_worker(library: str, cases_json: str, out_path: str) -> None:
     """In its own process (the emulated library defines the diffkern CUDA ops): runs each case on the cuda backend
     with the launches recorded, one ``#case`` line before each case's records."""
     import torch
+    from diffkern import _bench_cases as B
     from diffkern import backends
     from diffkern.ops import _declaration
 
@@ -613,20 +598,20 @@ def launch_worker(library: str, cases_json: str, out_path: str) -> None:
     empty_inputs()
     Path(out_path).write_text("")
     for item in json.loads(Path(cases_json).read_text()):
-        case = ReportCase(item["op"], item["label"], tuple(item["shape"]), item["dtype"], item["layout"])
+        case = B.Case(item["op"], item["label"], tuple(item["shape"]), item["dtype"], item["layout"])
         with open(out_path, "a") as f:
             f.write(f"#case\t{case.id}\n")
         run_case(case, "cuda")
 
 
-def collect_cuda(cases: Sequence[ReportCase], cuobjdump: str, work: Path, build_dir: Path,
+def collect_cuda(cases: Sequence["Case"], cuobjdump: str, work: Path, build_dir: Path,
                  object_dirs: Sequence[Path], log=print) -> List[Row]:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         device_future = pool.submit(device_code, build_dir, object_dirs, log)
         library = build_emulation(build_dir / "emulation")
         cases_json = work / "cases.json"
-        cases_json.write_text(json.dumps([dict(op=c.op, label=c.label, shape=c.shape, dtype=c.dtype, layout=c.layout)
+        cases_json.write_text(json.dumps([dict(op=c.op, label=c.shape_set, shape=c.shape, dtype=c.dtype, layout=c.layout)
                                           for c in cases]))
         records = work / "launches.tsv"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

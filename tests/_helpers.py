@@ -10,6 +10,10 @@ cancel; ``check_first_and_last_groups`` checks a GroupNorm too large to run the 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,6 +21,16 @@ import torch
 from diffkern import backends
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 from diffkern.testing import assert_close, assert_close_sum
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """The Python file ``path`` (a script of scripts/, the emulation's build.py) imported as module ``name``,
+    registered in ``sys.modules`` (its dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -10,7 +10,6 @@ dtype and layout, GroupNorm in each of its CUDA regimes (the raw ops' ``split``)
 sizes, calls from several host threads. Skipped only when there is no C++ compiler or no CUDA runtime headers.
 """
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -20,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import load_module
 from conftest import BASE_SEED
 
 EMULATION_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 
 
 def _load_builder():
-    spec = importlib.util.spec_from_file_location("diffkern_cuda_emulation_build", EMULATION_DIR / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EMULATION_DIR / "build.py", "diffkern_cuda_emulation_build")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ registration would take the test process with it) and checks the kernels, the cu
 only without an nvcc (the cubin listing also without a cuobjdump, the link check without readelf).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import load_module
 from diffkern import _build, _extension
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,11 +30,7 @@ EXPECTED_PTX = ["compute_90"]
 
 
 def _check_wheel():
-    spec = importlib.util.spec_from_file_location("_diffkern_check_wheel", REPO / "scripts" / "check_wheel.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / "check_wheel.py", "_diffkern_check_wheel")
 
 
 def _build_ext(build_temp, build_lib, cuda_home) -> float:

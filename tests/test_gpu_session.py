@@ -8,7 +8,6 @@ stage budget, which must fit the 8 minutes on paper.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -17,19 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_session.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_session = _load()
+gpu_session = load_module(SCRIPT, "gpu_session")
 
 
 def _summary_rows(text: str) -> dict:

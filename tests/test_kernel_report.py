@@ -17,7 +17,6 @@ The report runs in a subprocess without TRITON_INTERPRET (it compiles for real).
 ($DIFFKERN_TEST_BUILD_DIR). Skipped only without an nvcc, a cuobjdump, a C++ compiler or binutils.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,20 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "kernel_report.py"
 KNOWN = Path(__file__).resolve().parent / "kernel_report_known_violations.txt"
 
 
-def _report_module():
-    spec = importlib.util.spec_from_file_location("_kernel_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kr = _report_module()
+kr = load_module(SCRIPT, "_kernel_report")
 
 
 def known_violations():

@@ -7,7 +7,6 @@ tiny library compiled here that calls ``dlopen`` and copies a ``shared_ptr``: gl
 the same source is compiled with ``-include csrc/glibc_compat.h``, as the wheel build does. No GPU, no nvcc.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,20 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 HEADER = REPO / "csrc" / "glibc_compat.h"
 TAG = "manylinux_2_28_x86_64"
 
 
-def _load_check_wheel():
-    spec = importlib.util.spec_from_file_location("_diffkern_check_wheel", REPO / "scripts" / "check_wheel.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cw = _load_check_wheel()
+cw = load_module(REPO / "scripts" / "check_wheel.py", "_diffkern_check_wheel")
 
 
 # --- the policy logic, on made-up version lists ------------------------------------------------------------

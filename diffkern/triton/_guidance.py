@@ -66,6 +66,19 @@ def _cfg_moments_kernel(model_output_ptr, partial_ptr, n, blocks_per_sample, pro
 
 
 @triton.jit
+def _partial_slice(partial_ptr, programs, first, start, blocks_per_sample, MERGE: tl.constexpr):
+    """Blocks [start, start + MERGE) of a sample's partials: (count, cond mean, cond M2, guided mean, guided
+    M2), each [MERGE], zero past the sample's last block."""
+    slot = first + start + tl.arange(0, MERGE)
+    valid = start + tl.arange(0, MERGE) < blocks_per_sample
+    return (tl.load(partial_ptr + slot, mask=valid, other=0.0),
+            tl.load(partial_ptr + programs + slot, mask=valid, other=0.0),
+            tl.load(partial_ptr + 2 * programs + slot, mask=valid, other=0.0),
+            tl.load(partial_ptr + 3 * programs + slot, mask=valid, other=0.0),
+            tl.load(partial_ptr + 4 * programs + slot, mask=valid, other=0.0))
+
+
+@triton.jit
 def _rescale_factor_kernel(partial_ptr, factor_ptr, n, blocks_per_sample, programs, MERGE: tl.constexpr):
     """q = std(cond) / std(guided) of one sample (unbiased) from its blocks' partial moments: the mean from the
     blocks' sums, then M2 = sum of the blocks' M2 + sum of count (block mean - mean)^2."""
@@ -74,24 +87,22 @@ def _rescale_factor_kernel(partial_ptr, factor_ptr, n, blocks_per_sample, progra
     cond_sum = tl.zeros((MERGE,), dtype=tl.float32)
     guided_sum = tl.zeros((MERGE,), dtype=tl.float32)
     for start in range(0, blocks_per_sample, MERGE):
-        index = start + tl.arange(0, MERGE)
-        valid = index < blocks_per_sample
-        count = tl.load(partial_ptr + first + index, mask=valid, other=0.0)
-        cond_sum += count * tl.load(partial_ptr + programs + first + index, mask=valid, other=0.0)
-        guided_sum += count * tl.load(partial_ptr + 3 * programs + first + index, mask=valid, other=0.0)
+        count, cond_mean_k, _, guided_mean_k, _ = _partial_slice(partial_ptr, programs, first, start,
+                                                                 blocks_per_sample, MERGE)
+        cond_sum += count * cond_mean_k
+        guided_sum += count * guided_mean_k
     total = n.to(tl.float32)
     cond_mean = tl.div_rn(tl.sum(cond_sum, axis=0), total)
     guided_mean = tl.div_rn(tl.sum(guided_sum, axis=0), total)
     cond_m2 = tl.zeros((MERGE,), dtype=tl.float32)
     guided_m2 = tl.zeros((MERGE,), dtype=tl.float32)
     for start in range(0, blocks_per_sample, MERGE):
-        index = start + tl.arange(0, MERGE)
-        valid = index < blocks_per_sample
-        count = tl.load(partial_ptr + first + index, mask=valid, other=0.0)
-        dc = tl.load(partial_ptr + programs + first + index, mask=valid, other=0.0) - cond_mean
-        dg = tl.load(partial_ptr + 3 * programs + first + index, mask=valid, other=0.0) - guided_mean
-        cond_m2 += tl.load(partial_ptr + 2 * programs + first + index, mask=valid, other=0.0) + count * dc * dc
-        guided_m2 += tl.load(partial_ptr + 4 * programs + first + index, mask=valid, other=0.0) + count * dg * dg
+        count, cond_mean_k, cond_m2_k, guided_mean_k, guided_m2_k = _partial_slice(
+            partial_ptr, programs, first, start, blocks_per_sample, MERGE)
+        dc = cond_mean_k - cond_mean
+        dg = guided_mean_k - guided_mean
+        cond_m2 += cond_m2_k + count * dc * dc
+        guided_m2 += guided_m2_k + count * dg * dg
     cond_std = tl.sqrt_rn(tl.div_rn(tl.sum(cond_m2, axis=0), total - 1.0))
     guided_std = tl.sqrt_rn(tl.div_rn(tl.sum(guided_m2, axis=0), total - 1.0))
     tl.store(factor_ptr + sample, tl.div_rn(cond_std, guided_std))
