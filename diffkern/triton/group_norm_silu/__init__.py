@@ -50,7 +50,6 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from diffkern.ops._common import float64_runs_reference
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
@@ -58,8 +57,8 @@ from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
                                                         sum_partial_rows_kernel)
 from diffkern.triton.group_norm_silu._forward import fwd_chunk_apply_kernel, fwd_chunk_moments_kernel, fwd_group_kernel
-from diffkern.triton.group_norm_silu._plan import (BACKWARD, FORWARD, REGIMES, Plan, layout_of, make_plan, next_pow2,
-                                                    plan_for)
+from diffkern.triton.group_norm_silu._plan import (BACKWARD, FORWARD, REGIMES, Plan, cdiv, layout_of, make_plan,
+                                                    next_pow2, plan_for)
 
 __all__ = ["BACKWARD", "FORWARD", "REGIMES", "Plan", "group_norm_silu_backward", "group_norm_silu_forward",
            "make_plan", "plan_for"]
@@ -190,7 +189,7 @@ def group_norm_silu_backward(
         dbias = torch.empty(c, device=x.device, dtype=torch.float32) if has_bias else None
         if planes:
             block_c = min(next_pow2(c), 256)
-            sum_partial_rows_kernel[(triton.cdiv(c, block_c), planes)](
+            sum_partial_rows_kernel[(cdiv(c, block_c), planes)](
                 partials, dweight if has_weight else dbias, dbias if has_bias else dweight, rows, c,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_R=min(next_pow2(rows), 16), BLOCK_C=block_c,
                 **_LAUNCH_OPTIONS)

@@ -25,7 +25,6 @@ import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 
 
 class Tuning(NamedTuple):
@@ -75,6 +74,11 @@ class Plan(NamedTuple):
         return self.c_chunks * self.s_chunks
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of positive ints (not ``triton.cdiv``: a constexpr function, microseconds per host call)."""
+    return -(-a // b)
+
+
 def next_pow2(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
@@ -102,16 +106,17 @@ def _split_counts(want: int, c_tiles: int, s_tiles: int, channels_last: bool) ->
     one contiguous range of memory where it can."""
     if channels_last:
         s_chunks = min(want, s_tiles)
-        c_chunks = min(triton.cdiv(want, s_chunks), c_tiles)
+        c_chunks = min(cdiv(want, s_chunks), c_tiles)
     else:
         c_chunks = min(want, c_tiles)
-        s_chunks = min(triton.cdiv(want, c_chunks), s_tiles)
+        s_chunks = min(cdiv(want, c_chunks), s_tiles)
     # Tiles per chunk rounded down, so that there are at least as many chunks as asked for where the tiles allow
     # (rounding up turned 9 chunks of 10 tiles into 5 of 2).
     c_per, s_per = max(1, c_tiles // c_chunks), max(1, s_tiles // s_chunks)
-    return triton.cdiv(c_tiles, c_per), triton.cdiv(s_tiles, s_per), c_per, s_per
+    return cdiv(c_tiles, c_per), cdiv(s_tiles, s_per), c_per, s_per
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every call's path
 def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool, sm_count: int, tuning: Tuning, *,
               regime: Optional[str] = None, chunks: Optional[int] = None, loop_tile_elems: Optional[int] = None,
               offsets_64: Optional[bool] = None) -> Plan:
@@ -136,14 +141,14 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
         block_s, block_c = whole_s, whole_c
     else:
         block_s, block_c = _loop_tile(cpg, spatial, channels_last, loop_tile_elems or tuning.loop_tile_elems)
-    c_tiles, s_tiles = triton.cdiv(cpg, block_c), triton.cdiv(spatial, block_s)
+    c_tiles, s_tiles = cdiv(cpg, block_c), cdiv(spatial, block_s)
     c_chunks = s_chunks = 1
     c_per, s_per = c_tiles, s_tiles
     if regime in ("auto", "split"):
         if chunks is None:
             programs_per_sm = max(1, THREADS_PER_SM // (32 * _num_warps(block_s * block_c)))
             target = tuning.waves * sm_count * programs_per_sm
-            want = triton.cdiv(target, groups) if groups < target else 1
+            want = cdiv(target, groups) if groups < target else 1
             want = min(want, max(1, cpg * spatial // tuning.min_chunk_elems))
         else:
             want = chunks
@@ -174,6 +179,8 @@ def device_sm_count(device: torch.device) -> int:
 def has_layout(t: torch.Tensor, channels_last: bool) -> bool:
     """Whether element (n, c, s) of the 3-D ``t`` lives at ``n*C*S + c*stride_c + s*stride_s`` for the layout
     (strides of size-1 dimensions do not matter)."""
+    if not channels_last and t.is_contiguous():  # the common case, without the stride loop
+        return True
     n, c, s = t.shape
     expected = (c * s, 1, c) if channels_last else (c * s, s, 1)
     return all(size == 1 or stride == want for size, stride, want in zip(t.shape, t.stride(), expected))
