@@ -37,8 +37,12 @@ def add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor, alp
     # A host number for a host timestep and a CPU table, else a tensor (see ``C.step_abar``).
     abar = C.step_abar(alphas_cumprod, timesteps, compute, original_samples.ndim)
     sqrt_abar, sqrt_beta = C.sqrts(abar, 1 - abar)
-    noisy = sqrt_abar * original_samples.to(compute) + sqrt_beta * noise.to(compute)
-    return noisy.to(original_samples.dtype)
+    if isinstance(sqrt_abar, C.HostFloat):  # plain floats: torch parses a float subclass on a slower path
+        sqrt_abar, sqrt_beta = float(sqrt_abar), float(sqrt_beta)
+    x0 = original_samples if original_samples.dtype == compute else original_samples.to(compute)
+    eps = noise if noise.dtype == compute else noise.to(compute)
+    noisy = sqrt_abar * x0 + sqrt_beta * eps
+    return noisy if noisy.dtype == original_samples.dtype else noisy.to(original_samples.dtype)
 
 
 @torch.library.custom_op("diffkern::add_noise", mutates_args=())
