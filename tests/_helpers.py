@@ -66,6 +66,18 @@ def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous()
 
 
+def check_host_timesteps_match_tensors(implementation, model_output, sample, noise, table, t: int, prev: int,
+                                      device, **options):
+    """A step backend entry given python-int timesteps (kernel arguments) and the same values as int64 ``[1]``
+    tensors on ``device``: bitwise the same outputs. Returns the tensor form's outputs."""
+    by_int = implementation(model_output, sample, noise, table, t, prev, **options)
+    by_tensor = implementation(model_output, sample, noise, table, torch.tensor([t], device=device),
+                               torch.tensor([prev], device=device), **options)
+    for ours, expected in zip(by_int, by_tensor):
+        assert torch.equal(ours, expected)
+    return by_tensor
+
+
 def step_tensors(shape, dtype, options, randn, layout: str = "contiguous"):
     """(model_output, sample, options) for a step op: the model output ``[B or 2B, ...]`` (2B when
     ``options["guidance_scale"]`` is set), the sample (scale 1.5), both in ``layout``; ``options`` copied, with

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import diffkern
-from _helpers import LAYOUTS, abar64, run_both, step_tensors
+from _helpers import LAYOUTS, abar64, check_host_timesteps_match_tensors, run_both, step_tensors
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.testing import assert_close
@@ -373,11 +373,8 @@ def test_implementation_takes_python_int_timesteps(fast_backend, case, dtype, ta
     t = int(torch.randint(200, NUM_TRAIN, (), generator=gen))
     prev = -1 if prev_spec == "final" else t - prev_spec
     implementation = backends.implementation(fast_backend, "ddim_step")
-    by_int = implementation(model_output, sample, noise, table, t, prev, **options)
-    by_tensor = implementation(model_output, sample, noise, table, torch.tensor([t], device=device),
-                               torch.tensor([prev], device=device), **options)
-    for ours, expected in zip(by_int, by_tensor):
-        assert torch.equal(ours, expected)
+    by_tensor = check_host_timesteps_match_tensors(implementation, model_output, sample, noise, table, t, prev,
+                                                   device, **options)
     # One host and one tensor timestep mix too.
     mixed = implementation(model_output, sample, noise, table, torch.tensor([t], device=device), prev, **options)
     for ours, expected in zip(mixed, by_tensor):

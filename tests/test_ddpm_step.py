@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffkern
-from _helpers import LAYOUTS, abar64, ddpm_model_output, lay_out, run_both
+from _helpers import LAYOUTS, abar64, check_host_timesteps_match_tensors, ddpm_model_output, lay_out, run_both
 from conftest import ON_GPU
 from diffkern import backends
 from diffkern.ops.ddpm import VARIANCE_TYPES
@@ -337,11 +337,7 @@ def test_implementation_takes_python_int_timesteps(fast_backend, case, dtype, ta
     model_output = ddpm_model_output(randn, shape, variance_type, dtype, options["guidance_scale"] is not None)
     sample, noise = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
     implementation = backends.implementation(fast_backend, "ddpm_step")
-    by_int = implementation(model_output, sample, noise, table, t, prev, **options)
-    by_tensor = implementation(model_output, sample, noise, table, torch.tensor([t], device=device),
-                               torch.tensor([prev], device=device), **options)
-    for ours, expected in zip(by_int, by_tensor):
-        assert torch.equal(ours, expected)
+    check_host_timesteps_match_tensors(implementation, model_output, sample, noise, table, t, prev, device, **options)
 
 
 def test_float64_runs_the_reference_math(fast_backend, table, randn, gen, device):
