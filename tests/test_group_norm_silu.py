@@ -487,6 +487,11 @@ def draw_case(gen, backend):
     rank = pick([3, 4, 5])
     num_groups, cpg = between(1, 3), between(1, 5)
     spatial = [between(1, 7 if rank < 5 else 4) for _ in range(rank - 2)]
+    if cpg * math.prod(spatial) == 2:
+        # A group of two values: xhat = +-sqrt(var / (var + eps)) whatever x is, so dx is rstd times a difference of
+        # near-equal terms, ill-conditioned in fp32 past the table's tolerance (it failed a CI run). One- and
+        # two-pixel groups are the edge cases' job; here the group gets a third value.
+        spatial[0] += 1
     shape = (between(1, 2), num_groups * cpg, *spatial)
     dtype = pick(DTYPES)
     options = dict(layout=pick(LAYOUTS) if rank > 3 else "nchw", affine=pick(list(AFFINES)),
