@@ -67,6 +67,17 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumpro
     return _ops().add_noise_cuda(original_samples, noise, alphas_cumprod, *_timestep_pair(timesteps))
 
 
+@C.binds(add_noise)
+def _bind_add_noise(original_samples, noise, alphas_cumprod, timesteps):
+    if original_samples.dtype == torch.float64 or type(timesteps) is not int:
+        return None
+    op = _ops().add_noise_cuda.default
+
+    def launch(original_samples, noise, alphas_cumprod, timesteps):
+        return op(original_samples, noise, alphas_cumprod, None, timesteps)
+    return launch
+
+
 @C.float64_runs_reference(ddim_step_reference, dtype_from=1)
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
@@ -86,6 +97,24 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
     return _run_step(launch, noise if eta > 0 else None, **step_options)
 
 
+@C.binds(ddim_step)
+def _bind_ddim_step(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *, final_alpha_cumprod,
+                    eta, use_clipped_model_output, **step_options):
+    tail = _plain_step_tail(sample, timestep, prev_timestep, **step_options)
+    if tail is None:
+        return None
+    op = _ops().ddim_step_cuda.default
+    prediction, clip_sample, clip_sample_range, guidance_scale = tail
+    options = (final_alpha_cumprod, eta, prediction, clip_sample, clip_sample_range, None, use_clipped_model_output,
+               guidance_scale)
+    with_noise = eta > 0
+
+    def launch(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep):
+        return op(model_output, sample, noise if with_noise else None, alphas_cumprod, None, timestep, None,
+                  prev_timestep, *options)
+    return launch
+
+
 @C.float64_runs_reference(ddpm_step_reference, dtype_from=1)
 def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
               alphas_cumprod: torch.Tensor, timestep: C.TimestepLike, prev_timestep: C.TimestepLike, *,
@@ -103,6 +132,33 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
                               *rescale)
 
     return _run_step(launch, noise, **step_options)
+
+
+@C.binds(ddpm_step)
+def _bind_ddpm_step(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *, variance_type,
+                    **step_options):
+    tail = _plain_step_tail(sample, timestep, prev_timestep, **step_options)
+    if tail is None:
+        return None
+    op = _ops().ddpm_step_cuda.default
+    prediction, clip_sample, clip_sample_range, guidance_scale = tail
+    options = (VARIANCE_CODES[variance_type], prediction, clip_sample, clip_sample_range, None, guidance_scale)
+
+    def launch(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep):
+        return op(model_output, sample, noise, alphas_cumprod, None, timestep, None, prev_timestep, *options)
+    return launch
+
+
+def _plain_step_tail(sample: torch.Tensor, timestep, prev_timestep, *, prediction_type: str, clip_sample: bool,
+                     clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+                     sample_max_value: float, guidance_scale: Optional[float], guidance_rescale: float = 0.0):
+    """The step binders' shared part: for a one-launch step (no thresholding, no guidance rescale, not float64)
+    with python-int timesteps, ``(prediction code, clip_sample, clip_sample_range, guidance_scale)`` as the ops
+    take them; None for any other call (then ``_run_step`` runs it)."""
+    if sample.dtype == torch.float64 or thresholding or (guidance_scale is not None and guidance_rescale != 0) \
+            or type(timestep) is not int or type(prev_timestep) is not int:
+        return None
+    return PREDICTION_CODES[prediction_type], clip_sample, clip_sample_range, guidance_scale
 
 
 def _run_step(launch: Callable[..., Tuple[torch.Tensor, torch.Tensor]], noise: Optional[torch.Tensor], *,
@@ -142,6 +198,17 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
                             num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = _ops().group_norm_silu_fwd_cuda(x, _param(weight), _param(bias), num_groups, eps)
     return y, mean, rstd
+
+
+@C.binds(group_norm_silu_forward)
+def _bind_group_norm_silu_forward(x, weight, bias, num_groups, eps):
+    if x.dtype == torch.float64 or not all(p is None or p.is_contiguous() for p in (weight, bias)):
+        return None
+    op = _ops().group_norm_silu_fwd_cuda.default
+
+    def launch(x, weight, bias, num_groups, eps):
+        return op(x, weight, bias, num_groups, eps)
+    return launch
 
 
 @C.float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)

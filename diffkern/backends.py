@@ -202,10 +202,15 @@ def _last_used_by_op() -> Dict[str, str]:
     return by_op
 
 
-def eager_implementation(backend: str, name: str) -> Optional[Callable]:
-    """``implementation(backend, name)`` for an eager call; None while tracing (a traced call goes through the
+def eager_launch(backend: str, name: str, example_args: tuple, options: Dict[str, object]) -> Optional[Callable]:
+    """What an eager call of a cached plan runs: ``implementation(backend, name)`` bound to the plan's
+    signature and ``options`` (``_common.bound_launch``); None while tracing (a traced call goes through the
     custom op, which looks the implementation up when it runs)."""
-    return None if torch.compiler.is_compiling() else implementation(backend, name)
+    if torch.compiler.is_compiling():
+        return None
+    from diffkern.ops import _common
+
+    return _common.bound_launch(implementation(backend, name), example_args, options)
 
 
 def implementation(backend: str, name: str) -> Callable:

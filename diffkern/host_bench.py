@@ -16,7 +16,10 @@ dispatch, launch setup) is the latency a user sees. This measures it on any mach
   formula.
 
 Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks of back-to-back calls; on a GPU
-the statement synchronises at the end of each block of calls it times, see :func:`_timer`).
+the statement synchronises at the end of each block of calls it times, see :func:`_timer`). On the CPU the
+entries are measured in interleaved rounds (every entry once per round, ``ROUNDS`` rounds) and each figure is the
+median of its rounds: a machine that slows down for a second (another process, a frequency change) then shifts
+one round of every entry instead of every round of a few, so the ratios of one run stay comparable.
 
 The seam. :func:`device_work_skipped` is a context manager for this benchmark only: no public function enters
 it, and outside it nothing is patched. Inside it the CUDA extension's ops are replaced by their fake kernels
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
+import statistics
 import sys
 import types
 from dataclasses import dataclass
@@ -69,6 +73,17 @@ def _no_launch(*args, **kwargs) -> None:
     return None
 
 
+class _FakeOp:
+    """Stands in for a CUDA extension op (``torch.ops.diffkern.<name>`` and its ``.default`` overload): calls
+    the op's fake kernel, which allocates the outputs."""
+
+    def __init__(self, fake):
+        self.default = fake
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
+
+
 def _triton_modules() -> Iterator[types.ModuleType]:
     package = importlib.import_module("diffkern.triton")
     yield package
@@ -91,7 +106,7 @@ def device_work_skipped() -> Iterator[None]:
         patched.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
-    fakes = types.SimpleNamespace(**{op.name: op.fake for op in _declaration.cuda_ops()})
+    fakes = types.SimpleNamespace(**{op.name: _FakeOp(op.fake) for op in _declaration.cuda_ops()})
     patch(_cuda_ops, "_ops", lambda: fakes)
     for module in _triton_modules():
         for name, value in list(vars(module).items()):
@@ -119,21 +134,15 @@ class HostResult:
     median_us: float
 
 
-def _timer(fn: Callable[[], object], synchronize: bool) -> float:
-    """Median µs per call of ``fn`` (``torch.utils.benchmark``), synchronising the GPU after each block."""
-    if synchronize:
-        def stmt():
+def _timer(fn: Callable[[], object]) -> float:
+    """Median µs per call of ``fn`` on a GPU (``torch.utils.benchmark``), synchronising after each block."""
+    # One call per statement would time the sync; ten back-to-back calls per statement amortise it.
+    def run_ten():
+        for _ in range(10):
             fn()
-            torch.cuda.synchronize()
-        # One call per statement would time the sync; ten back-to-back calls per statement amortise it.
-        def run_ten():
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-        measurement = benchmark.Timer(stmt="run()", globals={"run": run_ten}).blocked_autorange(min_run_time=0.3)
-        return measurement.median * 1e6 / 10
-    measurement = benchmark.Timer(stmt="run()", globals={"run": fn}).blocked_autorange(min_run_time=0.3)
-    return measurement.median * 1e6
+        torch.cuda.synchronize()
+    measurement = benchmark.Timer(stmt="run()", globals={"run": run_ten}).blocked_autorange(min_run_time=0.3)
+    return measurement.median * 1e6 / 10
 
 
 def _diffusers():
@@ -237,14 +246,25 @@ def _gpu_cases(device: torch.device) -> Dict[str, Dict[str, Callable]]:
     return cases
 
 
+# Interleaved rounds of the CPU measurement (see the module docstring) and each round's time per entry.
+ROUNDS = 7
+ROUND_TIME_S = 0.05
+
+
 def _measure_groups(cases: Dict[str, Dict[str, Callable]], synchronize: bool) -> List[HostResult]:
-    results = []
-    for group, entries in cases.items():
-        for name, fn in entries.items():
-            with torch.no_grad():
-                fn()  # first call: imports, checks, plan
-                results.append(HostResult(group, name, _timer(fn, synchronize)))
-    return results
+    entries = [(group, name, fn) for group, by_name in cases.items() for name, fn in by_name.items()]
+    with torch.no_grad():
+        for _, _, fn in entries:
+            fn()  # first call: imports, checks, plan
+        if synchronize:
+            return [HostResult(group, name, _timer(fn)) for group, name, fn in entries]
+        rounds: List[List[float]] = [[] for _ in entries]
+        for _ in range(ROUNDS):
+            for times, (_, _, fn) in zip(rounds, entries):
+                measurement = benchmark.Timer(stmt="run()", globals={"run": fn}).blocked_autorange(
+                    min_run_time=ROUND_TIME_S)
+                times.append(measurement.median * 1e6)
+    return [HostResult(group, name, statistics.median(times)) for (group, name, _), times in zip(entries, rounds)]
 
 
 def measure_host(*, working_sizes: bool = True) -> List[HostResult]:

@@ -6,6 +6,8 @@ The ops' numerics are tested per op (tests/test_<op>.py); here only what the cac
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -196,7 +198,7 @@ def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
 
 
 def test_a_host_timestep_reaches_the_reference_as_a_python_int(monkeypatch):
-    """No fill kernel for a host timestep: the backends take it as a number (``_common.SCALAR_TIMESTEP_BACKENDS``;
+    """No fill kernel for a host timestep: the backends take it as a number (``_common.kernel_timesteps``;
     the op test files compare int and tensor timesteps bit for bit on every backend)."""
     x, eps = _inputs()
     seen = []
@@ -207,9 +209,118 @@ def test_a_host_timestep_reaches_the_reference_as_a_python_int(monkeypatch):
         return reference(model_output, sample, noise, table, timestep, prev_timestep, **options)
 
     ddim_module._PLANS.clear()
-    monkeypatch.setattr(backends, "eager_implementation", lambda backend, name: spy)
+    monkeypatch.setattr(backends, "implementation", lambda backend, name: spy)
     expected = _ddim(eps, x, timestep=torch.tensor([500, 500]), prev_timestep=torch.tensor([-1, -1]))
     got = _ddim(eps, x, timestep=torch.tensor(500), prev_timestep=-1)
     assert [type(t) for pair in seen for t in pair] == [torch.Tensor, torch.Tensor, int, int]
     assert torch.equal(expected.prev_sample, got.prev_sample)
     ddim_module._PLANS.clear()
+
+
+# Each case: (op, the public call's keyword options, dtype). The bound launch of every binder against the backend's
+# implementation with the plan's options, bit for bit (``_common.binds``' contract).
+BOUND_CASES = [
+    ("add_noise", {}, torch.float32),
+    ("add_noise", {}, torch.float16),
+    ("ddim_step", {}, torch.float32),
+    ("ddim_step", {"eta": 0.7}, torch.float16),
+    ("ddim_step", {"guidance_scale": 7.5, "prediction_type": "v_prediction"}, torch.float32),
+    ("ddim_step", {"clip_sample": True, "clip_sample_range": 0.5, "use_clipped_model_output": True,
+                   "prediction_type": "sample"}, torch.float32),
+    ("ddpm_step", {}, torch.float32),
+    ("ddpm_step", {"timestep": 0}, torch.float32),             # no noise at t = 0
+    ("ddpm_step", {"variance_type": "learned_range", "guidance_scale": 3.0}, torch.float16),
+    ("group_norm_silu", {}, torch.float32),
+    ("group_norm_silu", {"channels_last": True, "affine": False}, torch.float16),
+]
+
+
+def _bound_case(op, options, dtype, device, gen):
+    """(the backend's positional arguments, the public op's keyword arguments) of one case."""
+    options = dict(options)
+    shape = (3, 4, 6, 5)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    eps = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    table = ABAR.to(device)
+    if op == "group_norm_silu":
+        x = torch.randn((2, 8, 6, 5), generator=gen).to(device=device, dtype=dtype)
+        if options.pop("channels_last", False):
+            x = x.to(memory_format=torch.channels_last)
+        weight = bias = None
+        if options.pop("affine", True):
+            weight, bias = (torch.randn(8, generator=gen).to(device) for _ in range(2))
+        return (gn_module._as_3d(x), weight, bias, 4), dict(x=x, num_groups=4, weight=weight, bias=bias)
+    timestep = options.pop("timestep", 500)
+    if op == "add_noise":
+        return (x, eps, table, timestep), dict(original_samples=x, noise=eps, timesteps=timestep,
+                                               alphas_cumprod=table)
+    guided = "guidance_scale" in options
+    channels = 8 if options.get("variance_type", "").startswith("learned") else 4
+    model_output = torch.randn((6 if guided else 3, channels) + shape[2:], generator=gen).to(device=device,
+                                                                                               dtype=dtype)
+    noise = eps if op == "ddpm_step" and timestep > 0 or options.get("eta", 0) > 0 else None
+    return (model_output, x, noise, table, timestep, 480), dict(model_output=model_output, timestep=timestep,
+                                                                   sample=x, alphas_cumprod=table, noise=noise,
+                                                                   prev_timestep=480, **options)
+
+
+@pytest.mark.parametrize("op, options, dtype", BOUND_CASES,
+                         ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(BOUND_CASES)])
+def test_a_bound_launch_gives_what_the_implementation_gives(op, options, dtype, fast_backend, device, gen):
+    module = {"add_noise": add_noise_module, "ddim_step": ddim_module, "ddpm_step": ddpm_module,
+              "group_norm_silu": gn_module}[op]
+    args, public = _bound_case(op, options, dtype, device, gen)
+    module._PLANS.clear()
+    getattr(diffkern, op)(backend=fast_backend, **public)
+    assert backends.last_backend(op) == fast_backend
+    (plan,) = module._PLANS.values()
+    assert not isinstance(plan.launch, functools.partial), "the backend's binder did not specialise this call"
+    entry = "group_norm_silu_forward" if op == "group_norm_silu" else op
+    implementation = backends.implementation(fast_backend, entry)
+    if op == "group_norm_silu":
+        bound, direct = plan.launch(*args, plan.eps), implementation(*args, plan.eps)
+    elif op == "add_noise":
+        bound, direct = plan.launch(*args), implementation(*args)
+    else:
+        bound, direct = plan.launch(*args), implementation(*args, **plan.options)
+    bound, direct = (bound,) if isinstance(bound, torch.Tensor) else bound, \
+        (direct,) if isinstance(direct, torch.Tensor) else direct
+    assert len(bound) == len(direct)
+    for got, expected in zip(bound, direct):
+        assert got.stride() == expected.stride() and torch.equal(got, expected)
+
+
+def test_a_call_no_binder_specialises_runs_the_implementation(fast_backend, device, gen):
+    """Dynamic thresholding (two launches and a selection) is not bound: the plan runs the implementation."""
+    x, eps = (t.to(device) for t in _inputs())
+    ddim_module._PLANS.clear()
+    diffkern.ddim_step(eps, 500, x, ABAR.to(device), prev_timestep=480, thresholding=True, backend=fast_backend)
+    (plan,) = ddim_module._PLANS.values()
+    assert isinstance(plan.launch, functools.partial)
+    assert plan.launch.func is backends.implementation(fast_backend, "ddim_step")
+
+
+def test_a_table_made_under_inference_mode_is_checked_on_every_call():
+    """An inference tensor has no version counter: nothing would tell a cached check that it changed."""
+    x, eps = _inputs()
+    with torch.inference_mode():
+        table = ABAR.clone()
+        expected = diffkern.add_noise(x, eps, 500, ABAR, backend="reference")
+        assert torch.equal(diffkern.add_noise(x, eps, 500, table, backend="reference"), expected)
+        _ddim(eps, x, table=table)
+        table[500] = 2.0
+        with pytest.raises(ValueError, match=r"alphas_cumprod\[500\] = 2.0"):
+            diffkern.add_noise(x, eps, 500, table, backend="reference")
+        with pytest.raises(ValueError, match=r"alphas_cumprod\[500\] = 2.0"):
+            _ddim(eps, x, table=table)
+
+
+def test_host_coefficients_follow_the_table():
+    """A step's host coefficients are memoised per checked table and version: a modified table gives new ones."""
+    x, eps = _inputs()
+    table = ABAR.clone()
+    before = diffkern.add_noise(x, eps, 500, table, backend="reference")
+    table[500] = 0.25
+    after = diffkern.add_noise(x, eps, 500, table, backend="reference")
+    assert torch.equal(after, (0.5 * x + 0.75 ** 0.5 * eps))
+    assert not torch.equal(before, after)

@@ -110,8 +110,10 @@ _checked_tables: Dict[int, Tuple[weakref.ref, int, int]] = {}
 _table_tokens = itertools.count()
 
 
-def _check_table_values(table: torch.Tensor) -> int:
-    """Checks a CPU table's values once per table and version; returns the token of that (table, version)."""
+def _check_table_values(table: torch.Tensor) -> Optional[int]:
+    """Checks a CPU table's values once per table and version; returns the token of that (table, version). An
+    inference tensor (made under ``torch.inference_mode``) has no version counter, so nothing tells when it
+    changes: its values are checked on every call, and it has no token (None)."""
     key = id(table)
     seen = _checked_tables.get(key)
     if seen is not None and seen[0]() is table and seen[1] == table._version:
@@ -121,9 +123,41 @@ def _check_table_values(table: torch.Tensor) -> int:
         index = int(bad.nonzero()[0, 0])
         raise ValueError(f"alphas_cumprod must hold finite values in [0, 1] (cumulative products of 1 - beta), "
                          f"got alphas_cumprod[{index}] = {float(table[index])}")
+    if table.is_inference():
+        return None
     token = next(_table_tokens)
     _checked_tables[key] = (weakref.ref(table, lambda _: _checked_tables.pop(key, None)), table._version, token)
     return token
+
+
+def table_token(table: torch.Tensor) -> Optional[int]:
+    """The token of a CPU table whose current values passed the check (``_check_table_values``), else None."""
+    seen = _checked_tables.get(id(table))
+    if seen is not None and seen[0]() is table and seen[1] == table._version:
+        return seen[2]
+    return None
+
+
+# (function, table token, host timestep, arguments) -> coefficients, for ``host_coefficients``.
+_host_coefficients: Dict[tuple, object] = {}
+HOST_COEFFICIENTS_LIMIT = 4096
+
+
+def host_coefficients(compute: Callable, table: torch.Tensor, timesteps, *args):
+    """``compute(table, timesteps, *args)``, memoised where it only reads host values: a host timestep (a python
+    int) and a checked, unchanged CPU table (``table_token``). A sampling loop then computes a step's
+    coefficients once per timestep and table instead of once per call; any other call computes them."""
+    if type(timesteps) is int:
+        token = table_token(table)
+        if token is not None:
+            key = (compute, token, timesteps, args)
+            found = _host_coefficients.get(key)
+            if found is None:
+                if len(_host_coefficients) >= HOST_COEFFICIENTS_LIMIT:
+                    _host_coefficients.clear()
+                found = _host_coefficients[key] = compute(table, timesteps, *args)
+            return found
+    return compute(table, timesteps, *args)
 
 
 def check_abar_at_timesteps(alphas_cumprod: torch.Tensor, timestep: "TimestepLike",
@@ -444,14 +478,14 @@ def host_timestep(timesteps) -> Optional[int]:
     one); else None (a device tensor is never read: that would sync)."""
     if isinstance(timesteps, int):
         return timesteps
-    if type(timesteps) is torch.Tensor and timesteps.device.type == "cpu" and timesteps.numel() == 1 \
+    if type(timesteps) is torch.Tensor and timesteps.is_cpu and timesteps.numel() == 1 \
             and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(timesteps):
         return int(timesteps)
     return None
 
 
 def _host_readable(table: torch.Tensor) -> bool:
-    return type(table) is torch.Tensor and table.device.type == "cpu" \
+    return type(table) is torch.Tensor and table.is_cpu \
         and not torch._C._functorch.is_functorch_wrapped_tensor(table)
 
 
@@ -694,10 +728,14 @@ def register_step_autograd(op, reference: Callable) -> None:
 # and a changed CPU table gets a new token. Any failure while building a key (a wrong type, an unhashable
 # value) falls back to the full checks, which raise the usual error.
 #
-# A plan runs in one of two ways. In eager mode with no autograd to record, the public op calls the chosen
-# backend's implementation directly, with python-int timesteps as scalars (no fill kernel); under
-# ``torch.compile`` or with inputs that require grad it goes through the torch custom op, which tracing and
-# autograd need.
+# A plan runs in one of two ways. In eager mode with no autograd to record, the public op calls the plan's
+# ``launch`` directly, with python-int timesteps as scalars (no fill kernel); under ``torch.compile`` or with
+# inputs that require grad it goes through the torch custom op, which tracing and autograd need.
+#
+# ``launch`` is the chosen backend's implementation bound to the plan (``bound_launch``): where the backend
+# registers a binder for it (``binds``), one made for this signature, which did once what depends only on the
+# signature (launch geometry, kernel arguments fixed by the options, the op handle), so that a call allocates its
+# outputs and launches; elsewhere the implementation with the plan's options.
 
 
 class Uncacheable(Exception):
@@ -743,15 +781,18 @@ def optional_tensor_key(t: Optional[torch.Tensor]):
 def table_key(table: torch.Tensor) -> tuple:
     """``tensor_key`` of the abar table; for a CPU table also the token of its value check (run here, once per
     table and version), since the checks at host timesteps read its values."""
-    if table.device.type == "cpu":
-        return (table.shape, table.stride(), table.dtype, _check_table_values(table))
+    if table.is_cpu:  # (``device.type`` builds a device object: a third of a microsecond)
+        token = _check_table_values(table)
+        if token is None:  # an inference tensor: checked on every call
+            raise Uncacheable
+        return (table.shape, table.stride(), table.dtype, token)
     return (table.shape, table.stride(), table.dtype, table.device)
 
 
 def host_scalar(timesteps):
     """A CPU one-element integer tensor as a python int (reading a CPU scalar costs nothing, and the kernels
     then take it as a scalar argument); anything else unchanged."""
-    if type(timesteps) is torch.Tensor and timesteps.device.type == "cpu" and timesteps.numel() == 1 \
+    if type(timesteps) is torch.Tensor and timesteps.is_cpu and timesteps.numel() == 1 \
             and timesteps.ndim <= 1 and timesteps.dtype in _INDEX_DTYPES:
         return int(timesteps)
     return timesteps
@@ -765,7 +806,7 @@ def timestep_key(timesteps):
     tensor of several timesteps is not cacheable (its values are checked on every call)."""
     if type(timesteps) is int:
         return timesteps
-    if timesteps.device.type == "cpu":
+    if timesteps.is_cpu:
         raise Uncacheable
     return (timesteps.shape, timesteps.stride(), timesteps.dtype, timesteps.device)
 
@@ -786,19 +827,12 @@ def eager_direct(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
-# The backends whose implementations take a host timestep as a python int (every one: the Triton and CUDA kernels
-# take it as a scalar argument, so a step launches no fill kernel). A backend missing here would get a one-element
-# tensor instead (a fill kernel; no sync).
-SCALAR_TIMESTEP_BACKENDS = ("reference", "triton", "cuda")
-
-
-def kernel_timesteps(timesteps: TimestepLike, device: torch.device, backend: str) -> TimestepLike:
-    """What ``backend``'s implementation takes: a python int (``SCALAR_TIMESTEP_BACKENDS``) or an int64
-    ``[1 or B]`` tensor on ``device`` (a view when already so)."""
+def kernel_timesteps(timesteps: TimestepLike) -> TimestepLike:
+    """What the backends' implementations take: a python int as it is (every backend takes a host timestep as
+    a number: the kernels get it as a scalar argument, so a step launches no fill kernel), a tensor as int64
+    ``[1 or B]`` (a view when already so)."""
     if type(timesteps) is int:
-        if backend in SCALAR_TIMESTEP_BACKENDS:
-            return timesteps
-        return torch.full((1,), timesteps, dtype=torch.int64, device=device)
+        return timesteps
     return timesteps.reshape(-1).to(torch.int64)
 
 
@@ -806,3 +840,25 @@ def table_ready(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> bool:
     """Whether ``prepare_table`` would return the table itself (then a call skips it)."""
     dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
     return alphas_cumprod.device == sample.device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous()
+
+
+def binds(implementation: Callable) -> Callable[[Callable], Callable]:
+    """Decorator registering a binder for ``implementation`` (a backend's function, called with the reference's
+    positional tensors and keyword options): ``binder(*example_args, **options)`` returns ``launch(*args)``,
+    which must return exactly what ``implementation(*args, **options)`` returns for every call whose arguments have
+    the example's signature (``tensor_key`` of each tensor, python int or tensor timesteps), or None where it
+    does not specialise that call (then the plan runs the implementation). tests/test_hot_path.py compares the
+    two on every binder."""
+    def register(binder: Callable) -> Callable:
+        implementation.bind = binder
+        return binder
+    return register
+
+
+def bound_launch(implementation: Callable, example_args: tuple, options: Dict[str, object]) -> Callable:
+    """``launch(*args) == implementation(*args, **options)`` for calls with ``example_args``' signature: the
+    implementation's binder's launch (``binds``) where it has one for them, else the implementation with
+    ``options`` bound."""
+    binder = getattr(implementation, "bind", None)
+    launch = binder(*example_args, **options) if binder is not None else None
+    return launch if launch is not None else functools.partial(implementation, **options)

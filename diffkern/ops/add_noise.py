@@ -9,7 +9,7 @@ no noise at all at small t.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -34,15 +34,22 @@ def add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor, alp
     """Backend contract (see ``_common``): samples ``[B, ...]`` laid out alike, table float32 ``[T]``,
     timesteps int64 ``[1 or B]``, all on one device. Returns x_t in the samples' dtype and layout."""
     compute = torch.promote_types(original_samples.dtype, torch.float32)
-    # A host number for a host timestep and a CPU table, else a tensor (see ``C.step_abar``).
-    abar = C.step_abar(alphas_cumprod, timesteps, compute, original_samples.ndim)
-    sqrt_abar, sqrt_beta = C.sqrts(abar, 1 - abar)
-    if isinstance(sqrt_abar, C.HostFloat):  # plain floats: torch parses a float subclass on a slower path
-        sqrt_abar, sqrt_beta = float(sqrt_abar), float(sqrt_beta)
+    sqrt_abar, sqrt_beta = C.host_coefficients(_coefficients, alphas_cumprod, timesteps, compute,
+                                               original_samples.ndim)
     x0 = original_samples if original_samples.dtype == compute else original_samples.to(compute)
     eps = noise if noise.dtype == compute else noise.to(compute)
     noisy = sqrt_abar * x0 + sqrt_beta * eps
     return noisy if noisy.dtype == original_samples.dtype else noisy.to(original_samples.dtype)
+
+
+def _coefficients(alphas_cumprod: torch.Tensor, timesteps, compute: torch.dtype, ndim: int):
+    """(sqrt(abar_t), sqrt(1 - abar_t)): python floats for a host timestep and a CPU table, else tensors (see
+    ``C.step_abar``)."""
+    abar = C.step_abar(alphas_cumprod, timesteps, compute, ndim)
+    sqrt_abar, sqrt_beta = C.sqrts(abar, 1 - abar)
+    if isinstance(sqrt_abar, C.HostFloat):  # plain floats: torch parses a float subclass on a slower path
+        return float(sqrt_abar), float(sqrt_beta)
+    return sqrt_abar, sqrt_beta
 
 
 @torch.library.custom_op("diffkern::add_noise", mutates_args=())
@@ -107,14 +114,14 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     x0, eps = C.same_layout([original_samples, noise]) if plan.relayout else (original_samples, noise)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, x0)
     if C.eager_direct(x0, eps):
-        return plan.implementation(x0, eps, table, C.kernel_timesteps(timesteps, x0.device, plan.backend))
+        return plan.launch(x0, eps, table, C.kernel_timesteps(timesteps))
     return _add_noise_op(x0, eps, table, C.prepare_timesteps(timesteps, x0.device), plan.backend)
 
 
 class _AddNoisePlan(NamedTuple):
     """A validated ``add_noise`` call signature (see ``_common``'s "eager hot path")."""
     backend: str
-    implementation: Callable
+    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
     relayout: bool  # the samples are not laid out alike: contiguous copies first
     table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
 
@@ -130,6 +137,7 @@ def _add_noise_plan(original_samples, noise, timesteps, alphas_cumprod, backend)
     num_train = C.check_table(alphas_cumprod, device)
     timesteps = C.check_timesteps("timesteps", timesteps, original_samples.shape[0], num_train, device)
     chosen = backends.resolve("add_noise", backend, device)
-    plan = _AddNoisePlan(chosen, backends.eager_implementation(chosen, "add_noise"),
-                         not C.laid_out_alike((original_samples, noise)), C.table_ready(alphas_cumprod, original_samples))
+    launch = backends.eager_launch(chosen, "add_noise", (original_samples, noise, alphas_cumprod, timesteps), {})
+    plan = _AddNoisePlan(chosen, launch, not C.laid_out_alike((original_samples, noise)),
+                         C.table_ready(alphas_cumprod, original_samples))
     return plan, timesteps

@@ -189,10 +189,8 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         model_output, sample, noise = C.same_layout([model_output, sample, noise])
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if C.eager_direct(model_output, sample, noise):
-        device = sample.device
-        t = C.kernel_timesteps(timestep, device, plan.backend)
-        prev_t = C.kernel_timesteps(prev_timestep, device, plan.backend)
-        prev, x0 = plan.implementation(model_output, sample, noise, table, t, prev_t, **plan.options)
+        prev, x0 = plan.launch(model_output, sample, noise, table, C.kernel_timesteps(timestep),
+                               C.kernel_timesteps(prev_timestep))
     else:
         device = sample.device
         prev, x0 = _ddim_step_op(model_output, sample, noise, table, C.prepare_timesteps(timestep, device),
@@ -203,7 +201,7 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
 class _DdimPlan(NamedTuple):
     """A validated ``ddim_step`` call signature (see ``_common``'s "eager hot path")."""
     backend: str
-    implementation: Callable
+    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
     options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
     eta: float
     relayout: bool  # the tensors are not laid out alike: contiguous copies first
@@ -245,7 +243,8 @@ def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
                    **x0_options._asdict(), use_clipped_model_output=use_clipped_model_output,
                    guidance_scale=None if guidance_scale is None else float(guidance_scale),
                    guidance_rescale=guidance_rescale)
-    plan = _DdimPlan(chosen, backends.eager_implementation(chosen, "ddim_step"), options, eta,
-                     not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
+    launch = backends.eager_launch(chosen, "ddim_step", (model_output, sample, noise, alphas_cumprod, timestep,
+                                                   prev_timestep), options)
+    plan = _DdimPlan(chosen, launch, options, eta, not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
                      C.table_ready(alphas_cumprod, sample))
     return plan, timestep, prev_timestep

@@ -196,10 +196,9 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
             else C.same_layout(tensors)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if C.eager_direct(model_output, sample, noise):
-        device = sample.device
-        t = C.kernel_timesteps(timestep, device, plan.backend)
-        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep, device, plan.backend)
-        prev, x0 = plan.implementation(model_output, sample, noise, table, t, prev_t, **plan.options)
+        t = C.kernel_timesteps(timestep)
+        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep)
+        prev, x0 = plan.launch(model_output, sample, noise, table, t, prev_t)
     else:
         t = C.prepare_timesteps(timestep, sample.device)
         prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, sample.device)
@@ -210,7 +209,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
 class _DdpmPlan(NamedTuple):
     """A validated ``ddpm_step`` call signature (see ``_common``'s "eager hot path")."""
     backend: str
-    implementation: Callable
+    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
     options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
     learned: bool  # a learned variance: the 2C-channel model output
     relayout: bool  # the tensors are not laid out alike (or a learned variance's are not contiguous)
@@ -253,8 +252,10 @@ def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
                    guidance_rescale=guidance_rescale)
     tensors = (model_output, sample, noise)
     relayout = not all(x is None or x.is_contiguous() for x in tensors) if learned else not C.laid_out_alike(tensors)
-    plan = _DdpmPlan(chosen, backends.eager_implementation(chosen, "ddpm_step"), options, learned, relayout,
-                     C.table_ready(alphas_cumprod, sample))
+    example_prev = timestep - 1 if prev_timestep is None else prev_timestep
+    launch = backends.eager_launch(chosen, "ddpm_step", (model_output, sample, noise, alphas_cumprod, timestep,
+                                                   example_prev), options)
+    plan = _DdpmPlan(chosen, launch, options, learned, relayout, C.table_ready(alphas_cumprod, sample))
     return plan, timestep, prev_timestep
 
 

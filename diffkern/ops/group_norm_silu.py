@@ -111,7 +111,7 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
     host read), the exact two-pass form."""
     n, c, s = x.shape
     dtype = compute_dtype(x)
-    if x.device.type == "cpu" and dtype == torch.float32:
+    if x.is_cpu and dtype == torch.float32:
         # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.)
         xc = x if x.dtype == dtype else x.to(dtype)
         if xc.stride(1) == 1 and c > 1 and s > 1:
@@ -261,7 +261,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
         plan = C.store_plan(_PLANS, key, _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend))
     backends.record_choice("group_norm_silu", plan.backend)
     if C.eager_direct(x, weight, bias):
-        y3, _, _ = plan.implementation(_as_3d(x), weight, bias, num_groups, plan.eps)
+        y3, _, _ = plan.launch(_as_3d(x), weight, bias, num_groups, plan.eps)
         return y3.view(x.shape)
     y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, plan.eps, plan.backend)
     return y
@@ -270,7 +270,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 class _GroupNormSiLUPlan(NamedTuple):
     """A validated ``group_norm_silu`` call signature (see ``_common``'s "eager hot path")."""
     backend: str
-    implementation: Callable  # the backend's forward
+    launch: Optional[Callable]  # the backend's forward for eager calls (``_common.bound_launch``); None while tracing
     eps: float
 
 
@@ -296,7 +296,9 @@ def _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend) -> _GroupNo
                 raise ValueError(f"{name} must be on x's device {x.device}, got {param.device}")
     C.check_float("eps", eps, low=0.0)
     chosen = backends.resolve("group_norm_silu", backend, x.device)
-    return _GroupNormSiLUPlan(chosen, backends.eager_implementation(chosen, "group_norm_silu_forward"), float(eps))
+    eps = float(eps)
+    launch = backends.eager_launch(chosen, "group_norm_silu_forward", (_as_3d(x), weight, bias, num_groups, eps), {})
+    return _GroupNormSiLUPlan(chosen, launch, eps)
 
 
 class GroupNormSiLU(nn.GroupNorm):

@@ -78,7 +78,7 @@ def launch_config(batch: int, n: int) -> LaunchConfig:
 def device_guard(t: torch.Tensor):
     """Make ``t``'s device current for the launch (Triton launches on the current device's current stream). No
     context switch when it already is (the common case: entering ``torch.cuda.device`` costs microseconds)."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
         return _NO_DEVICE_SWITCH
     return torch.cuda.device(t.device)
 
@@ -352,3 +352,46 @@ def launch_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, noise:
             THRESHOLD=thresholding, HAS_NOISE=noise is not None, GUIDED=guided, RESCALE=rescaled, TIMESTEP_ON_HOST=timestep.on_host, PREV_TIMESTEP_ON_HOST=prev_timestep.on_host,
             BLOCK=cfg.block, num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
     return prev_out, x0_out
+
+
+def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_cumprod: torch.Tensor, timestep,
+              prev_timestep, family_args: Dict[str, Any], uses_noise: bool, *, prediction_type: str, clip_sample: bool,
+              clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
+              sample_max_value: float, guidance_scale: Optional[float], guidance_rescale: float = 0.0):
+    """``launch_step`` bound to one call signature (``_common.binds``): for a one-launch step (no thresholding,
+    no guidance rescale) of non-empty fp16/bf16/fp32 samples with python-int timesteps, a
+    ``launch(model_output, sample, noise, table, timestep, prev_timestep)`` whose kernel arguments, except the
+    tensors and the two timesteps, were computed here once; None for any other call. ``alphas_cumprod`` is read
+    for its length only (the plan's table may be prepared per call); the launch ignores its ``noise`` unless
+    ``uses_noise`` (DDIM at eta = 0, as ``ddim_step`` does)."""
+    if sample.dtype == torch.float64 or sample.numel() == 0 or thresholding \
+            or (guidance_scale is not None and guidance_rescale != 0) \
+            or type(timestep) is not int or type(prev_timestep) is not int:
+        return None
+    batch = sample.shape[0]
+    n = sample.numel() // batch
+    model_output_sample_stride = model_output.numel() // model_output.shape[0]
+    guided = guidance_scale is not None
+    cfg = launch_config(batch, n)
+    launcher = kernel[cfg.grid]
+    num_train = alphas_cumprod.numel()
+    meta = dict(model_output_sample_stride=model_output_sample_stride,
+                cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
+                guidance_scale=guidance_scale if guided else 0.0, rescale=0.0, keep=1.0,
+                PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_sample, THRESHOLD=False, GUIDED=guided,
+                RESCALE=False, TIMESTEP_ON_HOST=True, PREV_TIMESTEP_ON_HOST=True, BLOCK=cfg.block,
+                num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
+    # HAS_NOISE follows the call's noise (a DDPM step at t = 0 has none): one keyword set for each.
+    meta_by_noise = {True: dict(meta, HAS_NOISE=True), False: dict(meta, HAS_NOISE=False)}
+    blocks_per_sample = cfg.blocks_per_sample
+
+    def launch(model_output, sample, noise, table, timestep, prev_timestep):
+        if not uses_noise:
+            noise = None
+        prev_out = torch.empty_like(sample)
+        x0_out = torch.empty_like(sample)
+        with device_guard(sample):
+            launcher(model_output, sample, noise, None, None, prev_out, x0_out, table, 1, num_train, table, 0,
+                     timestep, table, 0, prev_timestep, n, blocks_per_sample, **meta_by_noise[noise is not None])
+        return prev_out, x0_out
+    return launch

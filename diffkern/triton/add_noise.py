@@ -54,3 +54,25 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumpro
                                     t.host, n, cfg.blocks_per_sample, TIMESTEP_ON_HOST=t.on_host, BLOCK=cfg.block,
                                     num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
     return out
+
+
+@C.binds(add_noise)
+def _bind_add_noise(original_samples, noise, alphas_cumprod, timesteps):
+    """``add_noise`` bound to one signature (``_common.binds``): python-int timesteps, non-empty fp16/bf16/fp32
+    samples."""
+    if original_samples.dtype == torch.float64 or original_samples.numel() == 0 or type(timesteps) is not int:
+        return None
+    batch = original_samples.shape[0]
+    n = original_samples.numel() // batch
+    cfg = K.launch_config(batch, n)
+    launcher = _add_noise_kernel[cfg.grid]
+    num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
+    meta = dict(TIMESTEP_ON_HOST=True, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+
+    def launch(original_samples, noise, alphas_cumprod, timesteps):
+        out = torch.empty_like(original_samples)
+        with K.device_guard(original_samples):
+            launcher(original_samples, noise, out, alphas_cumprod, 1, num_train, alphas_cumprod, 0, timesteps, n,
+                     blocks_per_sample, **meta)
+        return out
+    return launch

@@ -96,3 +96,11 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
                          dict(final_alpha_cumprod=final_alpha_cumprod, eta=eta,
                               USE_CLIPPED=use_clipped_model_output),
                          **step_options)
+
+
+@C.binds(ddim_step)
+def _bind_ddim_step(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *, final_alpha_cumprod,
+                    eta, use_clipped_model_output, **step_options):
+    return K.bind_step(_ddim_step_kernel, model_output, sample, alphas_cumprod, timestep, prev_timestep,
+                       dict(final_alpha_cumprod=final_alpha_cumprod, eta=eta, USE_CLIPPED=use_clipped_model_output),
+                       eta > 0, **step_options)

@@ -124,3 +124,10 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[
         K.check_flat_layout(model_output, sample, noise)
     return K.launch_step(_ddpm_step_kernel, model_output, sample, noise, alphas_cumprod, timestep, prev_timestep,
                          dict(VARIANCE=_variance_code(variance_type)), **step_options)
+
+
+@C.binds(ddpm_step)
+def _bind_ddpm_step(model_output, sample, noise, alphas_cumprod, timestep, prev_timestep, *, variance_type,
+                    **step_options):
+    return K.bind_step(_ddpm_step_kernel, model_output, sample, alphas_cumprod, timestep, prev_timestep,
+                       dict(VARIANCE=_variance_code(variance_type)), True, **step_options)

@@ -46,13 +46,13 @@ Files
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 
-from diffkern.ops._common import float64_runs_reference
+from diffkern.ops._common import binds, float64_runs_reference
 from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
+from diffkern.triton._common import device_guard
 from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
                                                         sum_partial_rows_kernel)
@@ -68,10 +68,6 @@ _interpreter.fix_triton36_interpreter()
 # FMA contraction on, explicitly (Triton 3.9 warns that its default will flip): one rounding instead of two
 # in the affine and the dx update.
 _LAUNCH_OPTIONS = {"enable_fp_fusion": True}
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _param(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -117,29 +113,57 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
     x: (N, C, S) fp16/bf16/fp32, NCHW or channels-last; weight, bias: [C] any float dtype, or None.
     """
     x, channels_last = _in_kernel_layout(x)
+    return _forward_launch(x, channels_last, weight, bias, num_groups, plan)(x, weight, bias, num_groups, eps)
+
+
+@binds(group_norm_silu_forward)
+def _bind_forward(x, weight, bias, num_groups, eps):
+    """The forward bound to one signature (``_common.binds``): x fp16/bf16/fp32 in a kernel layout."""
+    channels_last = layout_of(x)
+    if x.dtype == torch.float64 or channels_last is None:
+        return None
+    return _forward_launch(x, channels_last, weight, bias, num_groups, None)
+
+
+def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], num_groups: int, plan: Optional[Plan]):
+    """``launch(x, weight, bias, num_groups, eps)`` running the forward for inputs with these ones' signature (x
+    in the kernels' layout): the plan, the kernels' launch geometry and their fixed arguments computed here."""
     n, c, s = x.shape
     plan = _checked_plan(plan, x, num_groups, channels_last, FORWARD)
-    y = torch.empty_like(x)
-    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
     groups = n * num_groups
     cpg = c // num_groups
-    w, b = _param(weight, x), _param(bias, x)
-    layout = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
-                  OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
-    affine = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
-    with _device_guard(x):
-        if plan.regime == "split":
-            chunk_args = (plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk, plan.s_tiles_per_chunk)
-            partials = torch.empty((3, groups, plan.chunks), device=x.device, dtype=torch.float32)
-            grid = (groups, plan.chunks)
-            fwd_chunk_moments_kernel[grid](x, partials, c, s, cpg, num_groups, *chunk_args, **layout)
-            fwd_chunk_apply_kernel[grid](x, y, w, b, partials, mean, rstd, c, s, cpg, num_groups, *chunk_args, eps,
-                                         BLOCK_K=next_pow2(plan.chunks), **layout, **affine)
-        else:
-            fwd_group_kernel[(groups,)](x, y, w, b, mean, rstd, c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles,
-                                        eps, SINGLE_TILE=plan.regime == "single", **layout, **affine)
-    return y, mean, rstd
+    meta = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
+                OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None, **_LAUNCH_OPTIONS)
+    if plan.regime == "split":
+        chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
+                      plan.s_tiles_per_chunk)
+        partials_shape = (3, groups, plan.chunks)
+        grid = (groups, plan.chunks)
+        moments = fwd_chunk_moments_kernel[grid]
+        apply = fwd_chunk_apply_kernel[grid]
+        moments_meta = {key: value for key, value in meta.items() if key not in ("HAS_WEIGHT", "HAS_BIAS")}
+        apply_meta = dict(meta, BLOCK_K=next_pow2(plan.chunks))
+    else:
+        group_kernel = fwd_group_kernel[(groups,)]
+        group_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles)
+        group_meta = dict(meta, SINGLE_TILE=plan.regime == "single")
+
+    def launch(x, weight, bias, num_groups, eps):
+        y = torch.empty_like(x)
+        mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        w, b = _param(weight, x), _param(bias, x)
+        with device_guard(x):
+            if plan.regime == "split":
+                partials = torch.empty(partials_shape, device=x.device, dtype=torch.float32)
+                moments(x, partials, *chunk_args, **moments_meta)
+                apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, **apply_meta)
+            else:
+                group_kernel(x, y, w, b, mean, rstd, *group_args, eps, **group_meta)
+        return y, mean, rstd
+    return launch
 
 
 @float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)
@@ -172,7 +196,7 @@ def group_norm_silu_backward(
     layout = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
                   OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
     affine = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
-    with _device_guard(x):
+    with device_guard(x):
         if plan.regime == "split":
             chunk_args = (plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk, plan.s_tiles_per_chunk)
             sums = torch.empty((2, groups, plan.chunks), device=x.device, dtype=torch.float32)
