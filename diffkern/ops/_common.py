@@ -138,16 +138,17 @@ def table_token(table: torch.Tensor) -> Optional[int]:
     return None
 
 
-# (function, table token, host timestep, arguments) -> coefficients, for ``host_coefficients``.
+# (function, table token, host timesteps, arguments) -> coefficients, for ``host_coefficients``.
 _host_coefficients: Dict[tuple, object] = {}
 HOST_COEFFICIENTS_LIMIT = 4096
 
 
-def host_coefficients(compute: Callable, table: torch.Tensor, timesteps, *args):
-    """``compute(table, timesteps, *args)``, memoised where it only reads host values: a host timestep (a python
-    int) and a checked, unchanged CPU table (``table_token``). A sampling loop then computes a step's
-    coefficients once per timestep and table instead of once per call; any other call computes them."""
-    if type(timesteps) is int:
+def host_coefficients(compute: Callable, table: torch.Tensor, timesteps: tuple, *args):
+    """``compute(table, *timesteps, *args)``, memoised where it only reads host values: python-int timesteps and a
+    checked, unchanged CPU table (``table_token``; ``args`` are python numbers and dtypes). A sampling loop then
+    computes a step's coefficients once per timestep and table instead of once per call; any other call computes
+    them."""
+    if all(type(t) is int for t in timesteps):
         token = table_token(table)
         if token is not None:
             key = (compute, token, timesteps, args)
@@ -155,9 +156,9 @@ def host_coefficients(compute: Callable, table: torch.Tensor, timesteps, *args):
             if found is None:
                 if len(_host_coefficients) >= HOST_COEFFICIENTS_LIMIT:
                     _host_coefficients.clear()
-                found = _host_coefficients[key] = compute(table, timesteps, *args)
+                found = _host_coefficients[key] = compute(table, *timesteps, *args)
             return found
-    return compute(table, timesteps, *args)
+    return compute(table, *timesteps, *args)
 
 
 def check_abar_at_timesteps(alphas_cumprod: torch.Tensor, timestep: "TimestepLike",

@@ -34,7 +34,7 @@ def add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor, alp
     """Backend contract (see ``_common``): samples ``[B, ...]`` laid out alike, table float32 ``[T]``,
     timesteps int64 ``[1 or B]``, all on one device. Returns x_t in the samples' dtype and layout."""
     compute = torch.promote_types(original_samples.dtype, torch.float32)
-    sqrt_abar, sqrt_beta = C.host_coefficients(_coefficients, alphas_cumprod, timesteps, compute,
+    sqrt_abar, sqrt_beta = C.host_coefficients(_coefficients, alphas_cumprod, (timesteps,), compute,
                                                original_samples.ndim)
     x0 = original_samples if original_samples.dtype == compute else original_samples.to(compute)
     eps = noise if noise.dtype == compute else noise.to(compute)

@@ -85,26 +85,37 @@ def ddim_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise:
     batch, ndim = sample.shape[0], sample.ndim
     x = sample.to(compute)
     model_out = C.apply_guidance(model_output.to(compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
-    # The coefficients: host numbers for a host timestep and a CPU table, else tensors (``C.step_abar``).
-    a = C.step_abar(alphas_cumprod, timestep, compute, ndim)
-    a_prev = C.step_abar(alphas_cumprod, prev_timestep, compute, ndim, final_alpha_cumprod)
-    beta = 1 - a
-    variance = ((1 - a_prev) / beta) * (1 - a / a_prev)
-    sqrt_a, sqrt_beta, sqrt_a_prev, sqrt_variance = C.sqrts(a, beta, a_prev, variance)
-    x0, eps = C.predict_x0_eps(prediction_type, x, model_out, a, roots=(sqrt_a, sqrt_beta),
+    sqrt_a, sqrt_beta, sqrt_a_prev, std, eps_coef = C.host_coefficients(
+        _coefficients, alphas_cumprod, (timestep, prev_timestep), compute, ndim, final_alpha_cumprod, eta)
+    x0, eps = C.predict_x0_eps(prediction_type, x, model_out, None, roots=(sqrt_a, sqrt_beta),
                                need_eps=not use_clipped_model_output, copy_sample=False)
     x0 = C.clip_or_threshold(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                              sample_max_value=sample_max_value)
     if x0 is model_output:  # sample prediction passed through: the op's outputs may not alias its inputs
         x0 = x0.clone()
-    std = eta * sqrt_variance
     if use_clipped_model_output:
         eps = (x - sqrt_a * x0) / sqrt_beta
-    prev = sqrt_a_prev * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    prev = sqrt_a_prev * x0 + eps_coef * eps
     if eta > 0:
         prev = prev + std * noise.to(compute)
     return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+def _coefficients(alphas_cumprod: torch.Tensor, timestep, prev_timestep, compute: torch.dtype, ndim: int,
+                  final_alpha_cumprod: float, eta: float):
+    """(sqrt(a), sqrt(1 - a), sqrt(a'), sigma, sqrt(1 - a' - sigma^2)) in diffusers' operation order: python
+    floats for host timesteps and a CPU table, else tensors (``C.step_abar``)."""
+    a = C.step_abar(alphas_cumprod, timestep, compute, ndim)
+    a_prev = C.step_abar(alphas_cumprod, prev_timestep, compute, ndim, final_alpha_cumprod)
+    beta = 1 - a
+    variance = ((1 - a_prev) / beta) * (1 - a / a_prev)
+    sqrt_a, sqrt_beta, sqrt_a_prev, sqrt_variance = C.sqrts(a, beta, a_prev, variance)
+    std = eta * sqrt_variance
+    coefficients = (sqrt_a, sqrt_beta, sqrt_a_prev, std, (1 - a_prev - std ** 2) ** 0.5)
+    if all(isinstance(c, C.HostFloat) for c in coefficients):  # plain floats: torch parses a float subclass slower
+        return tuple(map(float, coefficients))
+    return coefficients
 
 
 @torch.library.custom_op("diffkern::ddim_step", mutates_args=())

@@ -150,14 +150,16 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
         group_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles)
         group_meta = dict(meta, SINGLE_TILE=plan.regime == "single")
 
+    device = x.device
+
     def launch(x, weight, bias, num_groups, eps):
         y = torch.empty_like(x)
-        mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+        mean = torch.empty(n, num_groups, device=device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         w, b = _param(weight, x), _param(bias, x)
         with device_guard(x):
             if plan.regime == "split":
-                partials = torch.empty(partials_shape, device=x.device, dtype=torch.float32)
+                partials = torch.empty(partials_shape, device=device, dtype=torch.float32)
                 moments(x, partials, *chunk_args, **moments_meta)
                 apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, **apply_meta)
             else:
