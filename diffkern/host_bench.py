@@ -19,7 +19,8 @@ Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median over blocks of
 the statement synchronises at the end of each block of calls it times, see :func:`_timer`). On the CPU the
 entries are measured in interleaved rounds (every entry once per round, ``ROUNDS`` rounds) and each figure is the
 median of its rounds: a machine that slows down for a second (another process, a frequency change) then shifts
-one round of every entry instead of every round of a few, so the ratios of one run stay comparable.
+one round of every entry instead of every round of a few. A ratio is the median of the per-round ratios, so such
+a slow round cancels in it.
 
 The seam. :func:`device_work_skipped` is a context manager for this benchmark only: no public function enters
 it, and outside it nothing is patched. Inside it the CUDA extension's ops are replaced by their fake kernels
@@ -33,6 +34,7 @@ launcher for ``triton``), which only a GPU measures: the GPU part of this benchm
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import pkgutil
 import statistics
@@ -132,6 +134,7 @@ class HostResult:
     group: str     # what is compared with what (one line of the table per group)
     name: str      # the callable
     median_us: float
+    rounds_us: Tuple[float, ...] = ()  # the CPU measurement's figure of each interleaved round, in order
 
 
 def _timer(fn: Callable[[], object]) -> float:
@@ -264,7 +267,8 @@ def _measure_groups(cases: Dict[str, Dict[str, Callable]], synchronize: bool) ->
                 measurement = benchmark.Timer(stmt="run()", globals={"run": fn}).blocked_autorange(
                     min_run_time=ROUND_TIME_S)
                 times.append(measurement.median * 1e6)
-    return [HostResult(group, name, statistics.median(times)) for (group, name, _), times in zip(entries, rounds)]
+    return [HostResult(group, name, statistics.median(times), tuple(times))
+            for (group, name, _), times in zip(entries, rounds)]
 
 
 def measure_host(*, working_sizes: bool = True) -> List[HostResult]:
@@ -274,7 +278,7 @@ def measure_host(*, working_sizes: bool = True) -> List[HostResult]:
         results += _measure_groups(_host_cases(), synchronize=False)
     if working_sizes:
         for r in _measure_groups(_working_size_cases(), synchronize=False):
-            results.append(HostResult(r.group + " (working size)", r.name, r.median_us))
+            results.append(dataclasses.replace(r, group=r.group + " (working size)"))
     return results
 
 
@@ -282,11 +286,19 @@ def measure_host(*, working_sizes: bool = True) -> List[HostResult]:
 # Reporting.
 
 
-def _by_group(results: List[HostResult]) -> Dict[str, Dict[str, float]]:
-    table: Dict[str, Dict[str, float]] = {}
+def _by_group(results: List[HostResult]) -> Dict[str, Dict[str, HostResult]]:
+    table: Dict[str, Dict[str, HostResult]] = {}
     for r in results:
-        table.setdefault(r.group, {})[r.name] = r.median_us
+        table.setdefault(r.group, {})[r.name] = r
     return table
+
+
+def _ratio(ours: HostResult, base: HostResult) -> float:
+    """ours / base: the median of the per-round ratios when both were measured in the same interleaved rounds
+    (a slow second of the machine then cancels in its round), else the ratio of the medians."""
+    if ours.rounds_us and len(ours.rounds_us) == len(base.rounds_us):
+        return statistics.median(a / b for a, b in zip(ours.rounds_us, base.rounds_us))
+    return ours.median_us / base.median_us
 
 
 def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bool]]:
@@ -298,15 +310,14 @@ def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bo
     for group in ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu"):
         for backend in ("triton", "cuda"):
             name = f"diffkern {group} [{backend}]"
-            us = table.get(group, {}).get(name)
-            if us is None:
+            ours = table.get(group, {}).get(name)
+            if ours is None:
                 continue
-            if add:
-                checks.append((f"{name} host / torch.add", us / add, TARGET_VS_ADD, us / add <= TARGET_VS_ADD))
-            if diffusers_ddim:
-                ratio = us / diffusers_ddim
-                checks.append((f"{name} host / diffusers DDIM step", ratio, TARGET_VS_DIFFUSERS,
-                               ratio <= TARGET_VS_DIFFUSERS))
+            for what, base, target in (("torch.add", add, TARGET_VS_ADD),
+                                       ("diffusers DDIM step", diffusers_ddim, TARGET_VS_DIFFUSERS)):
+                if base is not None:
+                    ratio = _ratio(ours, base)
+                    checks.append((f"{name} host / {what}", ratio, target, ratio <= target))
     for suffix in ("", " (working size)"):
         for group, baseline, target in (("ddim_step", "diffusers DDIMScheduler.step", TARGET_REFERENCE_STEP),
                                         ("ddpm_step", "diffusers DDPMScheduler.step", TARGET_REFERENCE_STEP),
@@ -314,8 +325,8 @@ def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bo
                                         ("group_norm_silu", "PyTorch formula", TARGET_REFERENCE_FORMULA)):
             entries = table.get(group + suffix, {})
             ours, theirs = entries.get(f"diffkern {group} [reference]"), entries.get(baseline)
-            if ours and theirs:
-                ratio = ours / theirs
+            if ours is not None and theirs is not None:
+                ratio = _ratio(ours, theirs)
                 checks.append((f"reference {group}{suffix} / {baseline}", ratio, target, ratio <= target))
     return checks
 
@@ -324,8 +335,8 @@ def format_results(results: List[HostResult], title: str) -> str:
     lines = [title]
     for group, entries in _by_group(results).items():
         lines.append(f"  {group}")
-        for name, us in entries.items():
-            lines.append(f"    {name:<44} {us:9.2f} µs")
+        for name, r in entries.items():
+            lines.append(f"    {name:<44} {r.median_us:9.2f} µs")
     return "\n".join(lines)
 
 

@@ -249,7 +249,7 @@ def _bound_case(op, options, dtype, device, gen):
         weight = bias = None
         if options.pop("affine", True):
             weight, bias = (torch.randn(8, generator=gen).to(device) for _ in range(2))
-        return (gn_module._as_3d(x), weight, bias, 4), dict(x=x, num_groups=4, weight=weight, bias=bias)
+        return (x, weight, bias, 4), dict(x=x, num_groups=4, weight=weight, bias=bias)
     timestep = options.pop("timestep", 500)
     if op == "add_noise":
         return (x, eps, table, timestep), dict(original_samples=x, noise=eps, timesteps=timestep,

@@ -13,10 +13,12 @@ Backward, with s = sigmoid(z), xhat = (x - mean) * rstd and M the group size:
     dxhat    = dz * weight
     dx       = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
 
-Backend contract: ``x`` arrives as a 3-D view ``(N, C, S)`` that is either C-contiguous (strides
-``(C*S, S, 1)``, NCHW) or channels-last (strides ``(C*S, 1, C)``); outputs use ``x``'s strides. Statistics
-``mean``/``rstd`` are ``[N, G]`` in the compute dtype: float32, or float64 for float64 input (so that
-``gradcheck`` sees float64 math); ``weight``/``bias`` are ``[C]`` (any float dtype) or None.
+Backend contract: ``x`` is ``(N, C, *)`` (S = the product of the spatial sizes), either C-contiguous (NCHW)
+or channels-last (``channels_last``/``channels_last_3d``, or a 3-D view with strides ``(C*S, 1, C)``); outputs
+have ``x``'s shape and strides (``as_3d`` gives the ``(N, C, S)`` view the kernels address; the public op passes
+its input as it is, so that an eager call makes no view). Statistics ``mean``/``rstd`` are ``[N, G]`` in the compute
+dtype: float32, or float64 for float64 input (so that ``gradcheck`` sees float64 math); ``weight``/``bias`` are
+``[C]`` (any float dtype) or None.
 """
 
 from __future__ import annotations
@@ -80,17 +82,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _normalized(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int) -> torch.Tensor:
-    n, c, s = x.shape
-    xf = x.to(mean.dtype).reshape(n, num_groups, (c // num_groups) * s)
-    return ((xf - mean[..., None]) * rstd[..., None]).reshape(n, c, s)
+    xf = x.to(mean.dtype).reshape(x.shape[0], num_groups, -1)
+    return ((xf - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+
+
+def _per_channel(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``[C]`` parameter in ``like``'s dtype, shaped to broadcast over ``(N, C, *)``."""
+    return p.to(like.dtype).view((1, -1) + (1,) * (like.dim() - 2))
 
 
 def _affine(xhat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     z = xhat
     if weight is not None:
-        z = z * weight.to(xhat.dtype)[None, :, None]
+        z = z * _per_channel(weight, xhat)
     if bias is not None:
-        z = z + bias.to(xhat.dtype)[None, :, None]
+        z = z + _per_channel(bias, xhat)
     return z
 
 
@@ -102,21 +108,22 @@ _FUSED_FORM_MAX_MEAN_RSTD = 16.0
 
 def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                       num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y, mean, rstd)``: y like ``x``, statistics ``[N, G]`` in the compute dtype.
+    """Returns ``(y, mean, rstd)``: y like ``x`` (``(N, C, *)``), statistics ``[N, G]`` in the compute dtype.
 
     On CPU tensors computed in fp32, ATen's GroupNorm (per-group moments merged in a cascade, robust when
     |mean| >> std; the affine normalisation in x's layout) and SiLU in place: the plain PyTorch formula's cost,
     half precision rounded once at the end. When a group's |mean| * rstd makes ATen's fused affine form inexact
     (``_FUSED_FORM_MAX_MEAN_RSTD``; the check reads the CPU statistics), and for float64 or device tensors (no
     host read), the exact two-pass form."""
-    n, c, s = x.shape
+    n, c = x.shape[:2]
+    s = x.numel() // (n * c)
     dtype = compute_dtype(x)
     if x.is_cpu and dtype == torch.float32:
-        # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.)
+        # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.) ATen's kernel takes NCHW and
+        # channels_last (3d) tensors as they are.
         xc = x if x.dtype == dtype else x.to(dtype)
-        if xc.stride(1) == 1 and c > 1 and s > 1:
-            # channels-last (strides (C*S, 1, C)): the memory of an (N, C, S, 1) channels_last tensor, which
-            # ATen's kernel takes without a copy.
+        if xc.dim() == 3 and xc.stride(1) == 1 and c > 1 and s > 1:
+            # A 3-D channels-last view (strides (C*S, 1, C)): the memory of an (N, C, S, 1) channels_last tensor.
             xc = xc.as_strided((n, c, s, 1), (c * s, 1, c, c))
         if weight is not None and weight.dtype != dtype:
             weight = weight.to(dtype)
@@ -126,10 +133,10 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
         ratio = mean * rstd
         if float(ratio.abs_().max()) <= _FUSED_FORM_MAX_MEAN_RSTD:
             y = F.silu(z, inplace=True)
-            if y.dim() != 3:
-                y = y.view(n, c, s)
+            if y.dim() != x.dim():
+                y = y.view_as(x)
             return (y if y.dtype == x.dtype else y.to(x.dtype)), mean, rstd
-    grouped = x.to(dtype).reshape(n, num_groups, (c // num_groups) * s)
+    grouped = x.to(dtype).reshape(n, num_groups, -1)
     # Exact two-pass statistics: robust when |mean| >> std, and (unlike torch.var_mean on CPU) fast for
     # the many small groups of an MLP.
     mean = grouped.mean(dim=2)
@@ -147,30 +154,34 @@ def group_norm_silu_backward_reference(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Returns ``(dx, dweight, dbias)``: dx like ``x``; dweight/dbias ``[C]`` in the compute dtype when
     weight/bias are given, else None. ``grad_out`` has ``x``'s shape and strides."""
-    n, c, s = x.shape
     xhat = _normalized(x, mean, rstd, num_groups)
     z = _affine(xhat, weight, bias)
     sig = torch.sigmoid(z)
     dz = grad_out.to(z.dtype) * sig * (1 + z * (1 - sig))
-    dweight = (dz * xhat).sum(dim=(0, 2)) if weight is not None else None
-    dbias = dz.sum(dim=(0, 2)) if bias is not None else None
-    dxhat = dz * weight.to(z.dtype)[None, :, None] if weight is not None else dz
-    grouped = (n, num_groups, (c // num_groups) * s)
+    reduced = [0] + list(range(2, x.dim()))   # every dimension but the channels'
+    dweight = (dz * xhat).sum(dim=reduced) if weight is not None else None
+    dbias = dz.sum(dim=reduced) if bias is not None else None
+    dxhat = dz * _per_channel(weight, z) if weight is not None else dz
+    grouped = (x.shape[0], num_groups, -1)
     dxhat_g, xhat_g = dxhat.reshape(grouped), xhat.reshape(grouped)
     dx_g = rstd[..., None] * (dxhat_g - dxhat_g.mean(dim=2, keepdim=True)
                               - xhat_g * (dxhat_g * xhat_g).mean(dim=2, keepdim=True))
     dx = torch.empty_like(x)
-    dx.copy_(dx_g.reshape(n, c, s))
+    dx.copy_(dx_g.reshape(x.shape))
     return dx, dweight, dbias
 
 
-def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """``(N, C, *)`` -> ``(N, C, S)`` without copying NCHW or channels_last input."""
-    n, c = x.shape[:2]
+def in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when NCHW or channels_last (3d), else a C-contiguous copy: the backend contract's layouts."""
     if x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)) \
             or (x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
-        return x.view(n, c, -1) if x.ndim > 2 else x.view(n, c, 1)
-    return x.contiguous().view(n, c, -1)
+        return x
+    return x.contiguous()
+
+
+def as_3d(x: torch.Tensor) -> torch.Tensor:
+    """The ``(N, C, S)`` view of an ``(N, C, *)`` tensor in one of the contract's layouts (no copy)."""
+    return x if x.ndim == 3 else x.view(x.shape[0], x.shape[1], -1)
 
 
 def _empty(device) -> torch.Tensor:
@@ -180,9 +191,8 @@ def _empty(device) -> torch.Tensor:
 @torch.library.custom_op("diffkern::group_norm_silu_fwd", mutates_args=())
 def _group_norm_silu_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             num_groups: int, eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x3 = _as_3d(x)
-    y3, mean, rstd = backends.implementation(backend, "group_norm_silu_forward")(x3, weight, bias, num_groups, eps)
-    return y3.view_as(x), mean, rstd
+    return backends.implementation(backend, "group_norm_silu_forward")(in_kernel_layout(x), weight, bias, num_groups,
+                                                                       eps)
 
 
 @_group_norm_silu_fwd_op.register_fake
@@ -195,14 +205,14 @@ def _(x, weight, bias, num_groups, eps, backend):
 def _group_norm_silu_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                             backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x3 = _as_3d(x)
+    x_in = in_kernel_layout(x)
     # Autograd may hand a gradient in another layout; backends take it in x's (a no-op when it matches).
-    grad3 = _as_3d(grad_out.contiguous(memory_format=_memory_format(x)))
-    dx3, dweight, dbias = backends.implementation(backend, "group_norm_silu_backward")(
-        grad3, x3, weight, bias, mean, rstd, num_groups)
+    grad_in = grad_out.contiguous(memory_format=_memory_format(x_in))
+    dx, dweight, dbias = backends.implementation(backend, "group_norm_silu_backward")(
+        grad_in, x_in, weight, bias, mean, rstd, num_groups)
     dweight = _empty(x.device) if dweight is None else dweight.to(weight.dtype)
     dbias = _empty(x.device) if dbias is None else dbias.to(bias.dtype)
-    return dx3.view_as(x), dweight, dbias
+    return dx, dweight, dbias
 
 
 @_group_norm_silu_bwd_op.register_fake
@@ -261,8 +271,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
         plan = C.store_plan(_PLANS, key, _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend))
     backends.record_choice("group_norm_silu", plan.backend)
     if C.eager_direct(x, weight, bias):
-        y3, _, _ = plan.launch(_as_3d(x), weight, bias, num_groups, plan.eps)
-        return y3.view_as(x)  # (view_as: a view to a torch.Size parses it on a path microseconds slower)
+        y, _, _ = plan.launch(in_kernel_layout(x) if plan.relayout else x, weight, bias, num_groups, plan.eps)
+        return y
     y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, plan.eps, plan.backend)
     return y
 
@@ -272,6 +282,7 @@ class _GroupNormSiLUPlan(NamedTuple):
     backend: str
     launch: Optional[Callable]  # the backend's forward for eager calls (``_common.bound_launch``); None while tracing
     eps: float
+    relayout: bool  # x is in neither of the contract's layouts: a contiguous copy first
 
 
 _PLANS = C.plan_cache()
@@ -297,8 +308,9 @@ def _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend) -> _GroupNo
     C.check_float("eps", eps, low=0.0)
     chosen = backends.resolve("group_norm_silu", backend, x.device)
     eps = float(eps)
-    launch = backends.eager_launch(chosen, "group_norm_silu_forward", (_as_3d(x), weight, bias, num_groups, eps), {})
-    return _GroupNormSiLUPlan(chosen, launch, eps)
+    x_in = in_kernel_layout(x)
+    launch = backends.eager_launch(chosen, "group_norm_silu_forward", (x_in, weight, bias, num_groups, eps), {})
+    return _GroupNormSiLUPlan(chosen, launch, eps, x_in is not x)
 
 
 class GroupNormSiLU(nn.GroupNorm):

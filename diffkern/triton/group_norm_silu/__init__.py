@@ -51,7 +51,8 @@ from typing import Optional, Tuple
 import torch
 
 from diffkern.ops._common import binds, float64_runs_reference
-from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
+from diffkern.ops.group_norm_silu import (as_3d, group_norm_silu_backward_reference, group_norm_silu_forward_reference,
+                                          in_kernel_layout)
 from diffkern.triton._common import device_guard
 from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
@@ -77,9 +78,12 @@ def _param(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Te
 
 
 def _in_kernel_layout(t: torch.Tensor, like: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
-    """``t`` and whether it is channels-last. The op always passes NCHW or channels-last views (then this
-    returns ``t`` itself); anything else, or a tensor whose layout differs from ``like``'s, is copied into
-    ``like``'s layout (or NCHW) so that the semantics match the reference for any strides."""
+    """The ``(N, C, S)`` view of ``t`` and whether it is channels-last. The op always passes NCHW or channels-last
+    tensors (then this is a view of ``t``); anything else, or a tensor whose layout differs from ``like``'s (a
+    3-D tensor), is copied into ``like``'s layout (or NCHW) so that the semantics match the reference for any
+    strides."""
+    if t.ndim != 3:
+        t = as_3d(in_kernel_layout(t))
     channels_last = layout_of(t)
     if like is not None:
         target = layout_of(like)
@@ -112,23 +116,31 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
 
     x: (N, C, S) fp16/bf16/fp32, NCHW or channels-last; weight, bias: [C] any float dtype, or None.
     """
-    x, channels_last = _in_kernel_layout(x)
-    return _forward_launch(x, channels_last, weight, bias, num_groups, plan)(x, weight, bias, num_groups, eps)
+    x3, channels_last = _in_kernel_layout(x)
+    y, mean, rstd = _forward_launch(x3, channels_last, weight, bias, num_groups, plan)(x3, weight, bias, num_groups,
+                                                                                      eps)
+    return y.view_as(x), mean, rstd
 
 
 @binds(group_norm_silu_forward)
 def _bind_forward(x, weight, bias, num_groups, eps):
-    """The forward bound to one signature (``_common.binds``): x fp16/bf16/fp32 in a kernel layout."""
-    channels_last = layout_of(x)
-    if x.dtype == torch.float64 or channels_last is None:
+    """The forward bound to one signature (``_common.binds``): x fp16/bf16/fp32 in one of the contract's layouts,
+    which the launch takes as it is (no view: the kernels address it as its ``(N, C, S)`` view)."""
+    if x.dtype == torch.float64 or in_kernel_layout(x) is not x:
         return None
-    return _forward_launch(x, channels_last, weight, bias, num_groups, None)
+    x3 = as_3d(x)
+    channels_last = layout_of(x3)
+    if channels_last is None:
+        return None
+    return _forward_launch(x3, channels_last, weight, bias, num_groups, None)
 
 
 def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], num_groups: int, plan: Optional[Plan]):
-    """``launch(x, weight, bias, num_groups, eps)`` running the forward for inputs with these ones' signature (x
-    in the kernels' layout): the plan, the kernels' launch geometry and their fixed arguments computed here."""
+    """``launch(x, weight, bias, num_groups, eps)`` running the forward for inputs with the signature of ``x`` (the
+    ``(N, C, S)`` view, in the kernels' layout) or of any tensor of which it is the view: the plan, the kernels'
+    launch geometry and their fixed arguments computed here. Outputs have the launched tensor's shape and strides
+    (``torch.empty_like``), so its memory is what the kernels address."""
     n, c, s = x.shape
     plan = _checked_plan(plan, x, num_groups, channels_last, FORWARD)
     groups = n * num_groups
@@ -179,6 +191,7 @@ def group_norm_silu_backward(
     grad_out, x: (N, C, S) in the same layout (grad_out in any float dtype); mean, rstd: fp32 ``[N, G]`` from
     the forward.
     """
+    original = x
     x, channels_last = _in_kernel_layout(x)
     grad_out, _ = _in_kernel_layout(grad_out, like=x)
     n, c, s = x.shape
@@ -219,4 +232,4 @@ def group_norm_silu_backward(
                 partials, dweight if has_weight else dbias, dbias if has_bias else dweight, rows, c,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_R=min(next_pow2(rows), 16), BLOCK_C=block_c,
                 **_LAUNCH_OPTIONS)
-    return dx, dweight, dbias
+    return dx.view_as(original), dweight, dbias
