@@ -66,6 +66,7 @@ class _NoLaunch:
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
         return _no_launch

@@ -817,15 +817,13 @@ def options_key(options: tuple) -> tuple:
     return options, tuple(map(type, options))
 
 
-def eager_direct(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a call may skip the custom op: not tracing, and no input that autograd must follow."""
-    if torch.compiler.is_compiling():
-        return False
+def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record a call on these inputs (then it must go through the custom op)."""
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
-                return False
-    return True
+                return True
+    return False
 
 
 def kernel_timesteps(timesteps: TimestepLike) -> TimestepLike:

@@ -98,7 +98,8 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
         x_t with ``original_samples``' shape, dtype and memory format.
     """
     key = plan = None
-    if not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if eager:
         timesteps = C.host_scalar(timesteps)
         try:
             key = (C.tensor_key(original_samples), C.tensor_key(noise), C.table_key(alphas_cumprod),
@@ -113,7 +114,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
 
     x0, eps = C.same_layout([original_samples, noise]) if plan.relayout else (original_samples, noise)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, x0)
-    if C.eager_direct(x0, eps):
+    if eager and not C.records_autograd(x0, eps):
         return plan.launch(x0, eps, table, C.kernel_timesteps(timesteps))
     return _add_noise_op(x0, eps, table, C.prepare_timesteps(timesteps, x0.device), plan.backend)
 

@@ -175,7 +175,8 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
                sample_max_value, use_clipped_model_output, final_alpha_cumprod, guidance_scale, guidance_rescale,
                backend)
     key = plan = None
-    if not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if eager:
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
         try:
             key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
@@ -199,7 +200,7 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     if relayout:
         model_output, sample, noise = C.same_layout([model_output, sample, noise])
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
-    if C.eager_direct(model_output, sample, noise):
+    if eager and not C.records_autograd(model_output, sample, noise):
         prev, x0 = plan.launch(model_output, sample, noise, table, C.kernel_timesteps(timestep),
                                C.kernel_timesteps(prev_timestep))
     else:

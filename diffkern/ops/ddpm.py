@@ -169,7 +169,8 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     options = (variance_type, prediction_type, clip_sample, clip_sample_range, thresholding,
                dynamic_thresholding_ratio, sample_max_value, guidance_scale, guidance_rescale, backend)
     key = plan = None
-    if not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if eager:
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
         try:
             key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
@@ -195,7 +196,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if plan.learned \
             else C.same_layout(tensors)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
-    if C.eager_direct(model_output, sample, noise):
+    if eager and not C.records_autograd(model_output, sample, noise):
         t = C.kernel_timesteps(timestep)
         prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep)
         prev, x0 = plan.launch(model_output, sample, noise, table, t, prev_t)

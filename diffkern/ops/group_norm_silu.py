@@ -260,7 +260,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     Statistics and arithmetic are fp32 for every input dtype. Differentiable in x, weight and bias.
     """
     key = plan = None
-    if not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if eager:
         try:
             key = (C.tensor_key(x), C.optional_tensor_key(weight), C.optional_tensor_key(bias),
                    C.options_key((num_groups, eps, backend)), backends.environment_choice(backend))
@@ -270,7 +271,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     if plan is None:
         plan = C.store_plan(_PLANS, key, _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend))
     backends.record_choice("group_norm_silu", plan.backend)
-    if C.eager_direct(x, weight, bias):
+    if eager and not C.records_autograd(x, weight, bias):
         y, _, _ = plan.launch(in_kernel_layout(x) if plan.relayout else x, weight, bias, num_groups, plan.eps)
         return y
     y, _, _ = _group_norm_silu_fwd_op(x, weight, bias, num_groups, plan.eps, plan.backend)

@@ -375,14 +375,15 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     cfg = launch_config(batch, n)
     launcher = kernel[cfg.grid]
     num_train = alphas_cumprod.numel()
-    meta = dict(model_output_sample_stride=model_output_sample_stride,
-                cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
-                guidance_scale=guidance_scale if guided else 0.0, rescale=0.0, keep=1.0,
-                PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_sample, THRESHOLD=False, GUIDED=guided,
-                RESCALE=False, TIMESTEP_ON_HOST=True, PREV_TIMESTEP_ON_HOST=True, BLOCK=cfg.block,
-                num_warps=cfg.num_warps, **family_args, **LAUNCH_OPTIONS)
-    # HAS_NOISE follows the call's noise (a DDPM step at t = 0 has none): one keyword set for each.
-    meta_by_noise = {True: dict(meta, HAS_NOISE=True), False: dict(meta, HAS_NOISE=False)}
+    fixed = dict(model_output_sample_stride=model_output_sample_stride,
+                 cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
+                 guidance_scale=guidance_scale if guided else 0.0, rescale=0.0, keep=1.0,
+                 PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_sample, THRESHOLD=False, GUIDED=guided,
+                 RESCALE=False, TIMESTEP_ON_HOST=True, PREV_TIMESTEP_ON_HOST=True, BLOCK=cfg.block, **family_args)
+    # HAS_NOISE follows the call's noise (a DDPM step at t = 0 has none): one argument tail for each.
+    tails = {flag: positional_tail(kernel, "model_output_sample_stride", dict(fixed, HAS_NOISE=flag))
+             for flag in (True, False)}
+    options = dict(num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
     blocks_per_sample = cfg.blocks_per_sample
 
     def launch(model_output, sample, noise, table, timestep, prev_timestep):
@@ -392,6 +393,13 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
         x0_out = torch.empty_like(sample)
         with device_guard(sample):
             launcher(model_output, sample, noise, None, None, prev_out, x0_out, table, 1, num_train, table, 0,
-                     timestep, table, 0, prev_timestep, n, blocks_per_sample, **meta_by_noise[noise is not None])
+                     timestep, table, 0, prev_timestep, n, blocks_per_sample, *tails[noise is not None], **options)
         return prev_out, x0_out
     return launch
+
+
+def positional_tail(kernel, first: str, values: Dict[str, Any]) -> tuple:
+    """The values of ``kernel``'s parameters from ``first`` on, in its order (each must be in ``values``). A bound
+    launch passes them positionally, constexprs included, so that a call builds no keyword dictionary of them."""
+    names = kernel.arg_names
+    return tuple(values[name] for name in names[names.index(first):])

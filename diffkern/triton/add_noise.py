@@ -67,12 +67,13 @@ def _bind_add_noise(original_samples, noise, alphas_cumprod, timesteps):
     cfg = K.launch_config(batch, n)
     launcher = _add_noise_kernel[cfg.grid]
     num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
-    meta = dict(TIMESTEP_ON_HOST=True, BLOCK=cfg.block, num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+    tail = K.positional_tail(_add_noise_kernel, "TIMESTEP_ON_HOST", dict(TIMESTEP_ON_HOST=True, BLOCK=cfg.block))
+    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
 
     def launch(original_samples, noise, alphas_cumprod, timesteps):
         out = torch.empty_like(original_samples)
         with K.device_guard(original_samples):
             launcher(original_samples, noise, out, alphas_cumprod, 1, num_train, alphas_cumprod, 0, timesteps, n,
-                     blocks_per_sample, **meta)
+                     blocks_per_sample, *tail, **options)
         return out
     return launch

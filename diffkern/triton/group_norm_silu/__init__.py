@@ -53,7 +53,7 @@ import torch
 from diffkern.ops._common import binds, float64_runs_reference
 from diffkern.ops.group_norm_silu import (as_3d, group_norm_silu_backward_reference, group_norm_silu_forward_reference,
                                           in_kernel_layout)
-from diffkern.triton._common import device_guard
+from diffkern.triton._common import device_guard, positional_tail
 from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
                                                         sum_partial_rows_kernel)
@@ -145,9 +145,11 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
     plan = _checked_plan(plan, x, num_groups, channels_last, FORWARD)
     groups = n * num_groups
     cpg = c // num_groups
+    # The constexprs go positionally (``positional_tail``): a launch builds no keyword dictionary of them.
     meta = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
-                OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None, **_LAUNCH_OPTIONS)
+                OFFSETS_64=plan.offsets_64, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks))
+    options = dict(num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
     if plan.regime == "split":
         chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
                       plan.s_tiles_per_chunk)
@@ -155,12 +157,12 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
         grid = (groups, plan.chunks)
         moments = fwd_chunk_moments_kernel[grid]
         apply = fwd_chunk_apply_kernel[grid]
-        moments_meta = {key: value for key, value in meta.items() if key not in ("HAS_WEIGHT", "HAS_BIAS")}
-        apply_meta = dict(meta, BLOCK_K=next_pow2(plan.chunks))
+        moments_tail = positional_tail(fwd_chunk_moments_kernel, "BLOCK_S", meta)
+        apply_tail = positional_tail(fwd_chunk_apply_kernel, "BLOCK_K", meta)
     else:
         group_kernel = fwd_group_kernel[(groups,)]
         group_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles)
-        group_meta = dict(meta, SINGLE_TILE=plan.regime == "single")
+        group_tail = positional_tail(fwd_group_kernel, "BLOCK_S", meta)
 
     device = x.device
 
@@ -172,10 +174,10 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
         with device_guard(x):
             if plan.regime == "split":
                 partials = torch.empty(partials_shape, device=device, dtype=torch.float32)
-                moments(x, partials, *chunk_args, **moments_meta)
-                apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, **apply_meta)
+                moments(x, partials, *chunk_args, *moments_tail, **options)
+                apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, *apply_tail, **options)
             else:
-                group_kernel(x, y, w, b, mean, rstd, *group_args, eps, **group_meta)
+                group_kernel(x, y, w, b, mean, rstd, *group_args, eps, *group_tail, **options)
         return y, mean, rstd
     return launch
 
