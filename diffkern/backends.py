@@ -131,7 +131,22 @@ def clear_cache() -> None:
 def environment_choice(backend: str) -> str:
     """What the environment adds to a request of ``backend``: ``DIFFKERN_BACKEND`` (empty when unset) for
     ``auto``, whose choice it decides, else nothing. Part of the ops' cached call signatures."""
-    return os.environ.get(ENV_VAR, "") if backend == "auto" else ""
+    return environment_backend() if backend == "auto" else ""
+
+
+def environment_backend() -> str:
+    """``DIFFKERN_BACKEND``, or "" when unset, read on every call (tests and users may set it at any time).
+
+    ``os.environ.get`` of an unset variable raises and catches a ``KeyError`` inside the mapping (a microsecond,
+    on every ``auto`` call); CPython's ``os.environ`` keeps its encoded variables in a dict, read here directly,
+    with the public lookup wherever that dict is missing."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encode = getattr(environ, "encodekey", None)
+    if type(data) is not dict or encode is None:
+        return environ.get(ENV_VAR, "")
+    raw = data.get(encode(ENV_VAR))
+    return "" if raw is None else environ.decodevalue(raw)
 
 
 def record_choice(op: str, backend: str) -> None:
@@ -145,7 +160,7 @@ def record_choice(op: str, backend: str) -> None:
 
 def _resolve(op: str, requested: str, device_type: str) -> str:
     if requested == "auto":
-        env = os.environ.get(ENV_VAR, "")
+        env = environment_backend()
         if env:
             if env not in BACKENDS:
                 raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
