@@ -83,8 +83,9 @@ def compile_args(cuda_home) -> Dict[str, List[str]]:
     assert "arch" not in header, f"rename the checkout: cpp_extension would drop the arch flags ({header})"
     common = ["-O3", "-std=c++17", "-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={torch_target_version_macro()}",
               "-isystem", str(torch_include), "-isystem", str(Path(cuda_home) / "include")]
-    nvcc = common + ["-Xcompiler=-fvisibility=hidden,-Wall,-Wextra,-Werror", "--Werror", "all-warnings",
-                     "-Xptxas=-Werror", "--pre-include", header] + [f"-U{m}" for m in _UNDEFINE]
+    # --fmad=false: no FMA contraction, each operation rounded as the reference rounds it (README, "Numerics").
+    nvcc = common + ["--fmad=false", "-Xcompiler=-fvisibility=hidden,-Wall,-Wextra,-Werror", "--Werror",
+                     "all-warnings", "-Xptxas=-Werror", "--pre-include", header] + [f"-U{m}" for m in _UNDEFINE]
     if int(re.search(r"release (\d+)", _nvcc(cuda_home, "--version")).group(1)) != cuda_runtime_version(cuda_home)[0]:
         nvcc.append("--no-compress")  # an assembled toolkit: no newer-major fatbinary compression
     return {"cxx": common + ["-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-include", header], "nvcc": nvcc}

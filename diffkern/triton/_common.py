@@ -52,7 +52,8 @@ MIN_BLOCK = 128
 MAX_BLOCK = 4096
 ELEMENTS_PER_THREAD = 16
 
-# Keyword arguments of every launch: see "Numerics" above.
+# Keyword arguments of every Triton launch (the GroupNorm kernels' too): see "Numerics" above and README's
+# "Numerics: one policy for every backend" (nvcc's --fmad=false is the same rule for csrc/).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 

@@ -53,7 +53,7 @@ import torch
 from diffkern.ops._common import binds, float64_runs_reference
 from diffkern.ops.group_norm_silu import (as_3d, group_norm_silu_backward_reference, group_norm_silu_forward_reference,
                                           in_kernel_layout)
-from diffkern.triton._common import device_guard, positional_tail
+from diffkern.triton._common import LAUNCH_OPTIONS, device_guard, positional_tail
 from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
                                                         sum_partial_rows_kernel)
@@ -66,9 +66,8 @@ __all__ = ["BACKWARD", "FORWARD", "REGIMES", "Plan", "group_norm_silu_backward",
 
 _interpreter.fix_triton36_interpreter()
 
-# FMA contraction on, explicitly (Triton 3.9 warns that its default will flip): one rounding instead of two
-# in the affine and the dx update.
-_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+# The backends' one numeric policy (README, "Numerics"): no FMA contraction, as the steps.
+_LAUNCH_OPTIONS = LAUNCH_OPTIONS
 
 
 def _param(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
