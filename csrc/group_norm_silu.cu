@@ -1,7 +1,8 @@
 // GroupNorm followed by SiLU, forward and backward (math in diffkern/ops/group_norm_silu.py).
 //
-// x is a 3-D (N, C, S) tensor, either C-contiguous (NCHW: strides (C*S, S, 1)) or channels-last (NHWC:
-// strides (C*S, 1, C)); outputs take x's strides, statistics are float32 [N, G]. Both layouts are read
+// x is an (N, C, *) tensor (S = the product of the spatial sizes), either C-contiguous (NCHW: the (N, C, S) view
+// has strides (C*S, S, 1)) or channels-last (NHWC, channels_last or channels_last_3d: (C*S, 1, C)); outputs
+// take x's shape and strides, statistics are float32 [N, G]. Both layouts are read
 // natively with 16-byte vectors (along S in NCHW, along C in NHWC) where sizes and pointers allow, else with
 // coalesced scalar accesses. All statistics and arithmetic are fp32.
 //
@@ -44,20 +45,32 @@ struct GnSetup {
 GnSetup gn_setup(const Tensor& x, int64_t num_groups) {
   check_cuda_tensor(x, "x");
   check_sample_dtype(x, "x");
-  STD_TORCH_CHECK(x.dim() == 3, "diffkern: group_norm_silu expects x as a 3-D (N, C, S) tensor, got ", x.dim(),
+  STD_TORCH_CHECK(x.dim() >= 2, "diffkern: group_norm_silu expects x as an (N, C, *) tensor, got ", x.dim(),
                   " dimensions");
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  const int64_t N = x.size(0), C = x.size(1);
+  int64_t S = 1;
+  for (int64_t dim = 2; dim < x.dim(); ++dim) S *= x.size(dim);
   STD_TORCH_CHECK(N > 0 && C > 0 && S > 0, "diffkern: group_norm_silu: x must not be empty");
   STD_TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "diffkern: num_groups=", num_groups,
                   " must divide the number of channels C=", C);
   STD_TORCH_CHECK(C <= (int64_t{1} << 30) && num_groups <= (int64_t{1} << 30),
                   "diffkern: group_norm_silu: too many channels");
+  // The spatial dimensions in row-major order with the innermost one `inner` elements apart (1 in NCHW, C in
+  // NHWC); size-1 dimensions' strides never move an element.
+  const auto spatial_dense = [&](int64_t inner) {
+    int64_t expected = inner;
+    for (int64_t dim = x.dim() - 1; dim >= 2; --dim) {
+      if (x.size(dim) != 1 && x.stride(dim) != expected) return false;
+      expected *= x.size(dim);
+    }
+    return true;
+  };
   const bool batch_ok = N == 1 || x.stride(0) == C * S;
-  const bool nchw = batch_ok && (S == 1 || x.stride(2) == 1) && (C == 1 || x.stride(1) == S);
-  const bool nhwc = batch_ok && (C == 1 || x.stride(1) == 1) && (S == 1 || x.stride(2) == C);
+  const bool nchw = batch_ok && spatial_dense(1) && (C == 1 || x.stride(1) == S);
+  const bool nhwc = batch_ok && spatial_dense(C) && (C == 1 || x.stride(1) == 1);
   STD_TORCH_CHECK(nchw || nhwc,
-                  "diffkern: group_norm_silu expects x C-contiguous (strides (C*S, S, 1)) or channels-last "
-                  "(strides (C*S, 1, C))");
+                  "diffkern: group_norm_silu expects x C-contiguous (NCHW) or channels-last (the (N, C, S) view's "
+                  "strides (C*S, S, 1) or (C*S, 1, C))");
   GnSetup s;
   s.d = GnDims{N, C, S, static_cast<int>(num_groups), static_cast<int>(C / num_groups)};
   s.layout = nchw ? Layout::kNCHW : Layout::kNHWC;

@@ -32,8 +32,7 @@ from diffkern.ops._declaration import PREDICTION_CODES, VARIANCE_CODES
 from diffkern.ops.add_noise import add_noise_reference
 from diffkern.ops.ddim import ddim_step_reference
 from diffkern.ops.ddpm import ddpm_step_reference
-from diffkern.ops.group_norm_silu import (as_3d, group_norm_silu_backward_reference,
-                                          group_norm_silu_forward_reference)
+from diffkern.ops.group_norm_silu import group_norm_silu_backward_reference, group_norm_silu_forward_reference
 
 _lock = threading.Lock()
 _ready = False
@@ -197,9 +196,8 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
 @C.float64_runs_reference(group_norm_silu_forward_reference, dtype_from=0)
 def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference's contract; the op takes the ``(N, C, S)`` view."""
-    y, mean, rstd = _ops().group_norm_silu_fwd_cuda(as_3d(x), _param(weight), _param(bias), num_groups, eps)
-    return y.view_as(x), mean, rstd
+    """The reference's contract (the op takes ``(N, C, *)`` NCHW or channels-last tensors as they are)."""
+    return _ops().group_norm_silu_fwd_cuda(x, _param(weight), _param(bias), num_groups, eps)
 
 
 @C.binds(group_norm_silu_forward)
@@ -207,14 +205,7 @@ def _bind_group_norm_silu_forward(x, weight, bias, num_groups, eps):
     if x.dtype == torch.float64 or not all(p is None or p.is_contiguous() for p in (weight, bias)):
         return None
     op = _ops().group_norm_silu_fwd_cuda.default
-    if x.ndim == 3:
-        return lambda x, weight, bias, num_groups, eps: op(x, weight, bias, num_groups, eps)
-    n, c = x.shape[:2]
-
-    def launch(x, weight, bias, num_groups, eps):
-        y, mean, rstd = op(x.view(n, c, -1), weight, bias, num_groups, eps)
-        return y.view_as(x), mean, rstd
-    return launch
+    return lambda x, weight, bias, num_groups, eps: op(x, weight, bias, num_groups, eps)
 
 
 @C.float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)
@@ -225,9 +216,8 @@ def group_norm_silu_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Op
         # The contract hands grad_out in x's strides; keep the kernels' invariant if a caller does not.
         grad_out = torch.empty_like(x).copy_(grad_out)
     dx, dweight, dbias = _ops().group_norm_silu_bwd_cuda(
-        as_3d(grad_out), as_3d(x), _param(weight), _param(bias), mean.float().contiguous(),
-        rstd.float().contiguous(), num_groups)
-    return dx.view_as(x), (dweight if weight is not None else None), (dbias if bias is not None else None)
+        grad_out, x, _param(weight), _param(bias), mean.float().contiguous(), rstd.float().contiguous(), num_groups)
+    return dx, (dweight if weight is not None else None), (dbias if bias is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ the same normalised arguments (the backend contract):
   contiguous run of ``numel // B`` elements in storage order (NCHW and channels_last both qualify);
 - ``alphas_cumprod``: float32, contiguous 1-D ``[T]``, on the samples' device (float64 for float64 samples, which the
   fast backends hand to the reference);
-- timesteps: int64 ``[1]`` (shared by the batch) or ``[B]`` (per sample) on the samples' device. Python ints
-  become a one-element tensor with ``torch.full`` (a fill kernel: no host-to-device copy, so no sync).
-  Device tensors are not range-checked (that would sync); kernels clamp indices into the table.
+- timesteps: a python int (shared by the batch: eager calls pass it as it is, and the kernels take it as a
+  scalar argument) or int64 ``[1]``/``[B]`` (per sample) on the samples' device. Through the torch custom op
+  (``torch.compile``, autograd) a python int becomes a one-element tensor made with ``torch.full`` (a fill
+  kernel: no host-to-device copy, so no sync). Device tensors are not range-checked (that would sync); kernels
+  clamp indices into the table.
 
 What is checked where: everything about shapes, dtypes, devices and options always; values wherever they are on
 the host (python numbers, CPU timesteps, a CPU ``alphas_cumprod`` table and abar at host timesteps); nothing on a
