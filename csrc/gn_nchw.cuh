@@ -34,16 +34,28 @@ struct NchwBlock {
   int nteams;
 };
 
+// slice_begin(Cg, k, K) = floor(Cg * k / K) in 32-bit arithmetic, exactly: with Cg = q * K + rem,
+// Cg * k / K = q * k + rem * k / K, where q * k <= Cg and rem * k < K * K <= 65535^2 < 2^32 (K is a grid's y
+// dimension, k <= K). The merge (merge_slices) recomputes the same bounds with slice_begin.
+__device__ __forceinline__ int row_slice_begin(int Cg, int k, int K) {
+  const unsigned total = static_cast<unsigned>(Cg), kk = static_cast<unsigned>(k), KK = static_cast<unsigned>(K);
+  const unsigned q = total / KK, rem = total % KK;
+  return static_cast<int>(q * kk + rem * kk / KK);
+}
+
 __device__ __forceinline__ NchwBlock nchw_block(const GnDims& d, int L) {
   NchwBlock b;
+  // 32-bit divisions only (a 64-bit one is a branch to a subroutine call, whose merged result ptxas kept on
+  // the stack in several of these kernels: a spill). blockIdx.x and G are below 2^31.
+  const unsigned g = static_cast<unsigned>(d.G);
   b.ng = blockIdx.x;
-  b.n = b.ng / d.G;
+  b.n = blockIdx.x / g;
   b.k = blockIdx.y;
   b.K = gridDim.y;
-  b.c0 = static_cast<int64_t>(b.ng % d.G) * d.Cg;
+  b.c0 = static_cast<int64_t>(blockIdx.x - static_cast<unsigned>(b.n) * g) * d.Cg;
   b.goff = (b.n * d.C + b.c0) * d.S;
-  b.r0 = static_cast<int>(slice_begin(d.Cg, b.k, b.K));
-  b.r1 = static_cast<int>(slice_begin(d.Cg, b.k + 1, b.K));
+  b.r0 = row_slice_begin(d.Cg, b.k, b.K);
+  b.r1 = row_slice_begin(d.Cg, b.k + 1, b.K);
   b.team = threadIdx.x / L;
   b.lane = threadIdx.x % L;
   b.nteams = kGnThreads / L;
@@ -151,12 +163,15 @@ __global__ void __launch_bounds__(kGnThreads)
                       ParamRef bias, float* __restrict__ mean_out, float* __restrict__ rstd_out, GnDims d, int L,
                       float eps) {
   __shared__ float2 stat;
-  const NchwBlock b = nchw_block(d, L);
   if (threadIdx.x < 32) {
-    const Moments m = merge_slices(part, b.ng, b.K, d.Cg, static_cast<float>(d.S));
-    if (threadIdx.x == 0) publish_group_stats(m.mean, m.m2, d, eps, b.k == 0, b.ng, &stat, mean_out, rstd_out);
+    const int64_t ng = blockIdx.x;
+    const Moments m = merge_slices(part, ng, static_cast<int>(gridDim.y), d.Cg, static_cast<float>(d.S));
+    if (threadIdx.x == 0) publish_group_stats(m.mean, m.m2, d, eps, blockIdx.y == 0, ng, &stat, mean_out, rstd_out);
   }
   __syncthreads();
+  // The block's rows only now: computed before the merge (a loop with calls), ptxas kept one of their bounds
+  // on the stack across it (a spill).
+  const NchwBlock b = nchw_block(d, L);
   rows_apply<T, VEC>(x + b.goff, y + b.goff, b, d, L, stat, weight, bias);
 }
 
@@ -293,13 +308,17 @@ __global__ void __launch_bounds__(kGnThreads)
                    const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, const float2* __restrict__ chan,
                    T* __restrict__ dx, GnDims d, int L) {
   __shared__ float2 gmeans;
-  const NchwBlock b = nchw_block(d, L);
   if (threadIdx.x < 32) {
-    const float2 gm = group_grad_means(chan + b.n * d.C + b.c0, b.c0, d.Cg, weight,
+    const unsigned g = static_cast<unsigned>(d.G);
+    const int64_t n = blockIdx.x / g;
+    const int64_t c0 = static_cast<int64_t>(blockIdx.x % g) * d.Cg;
+    const float2 gm = group_grad_means(chan + n * d.C + c0, c0, d.Cg, weight,
                                        static_cast<float>(d.Cg) * static_cast<float>(d.S));
     if (threadIdx.x == 0) gmeans = gm;
   }
   __syncthreads();
+  // The block's rows only now, as in gn_fwd_apply_nchw (no bound kept on the stack across the calls above).
+  const NchwBlock b = nchw_block(d, L);
   rows_dx<T, VEC>(x + b.goff, dy + b.goff, dx + b.goff, b, d, L, mean_in[b.ng], rstd_in[b.ng], weight, bias, gmeans);
 }
 
