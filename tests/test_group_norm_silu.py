@@ -350,9 +350,16 @@ def test_module_state_dict_interchangeable_with_group_norm(randn, device):
 
 
 @pytest.mark.parametrize("memory_format,shape", [(torch.channels_last, (2, 6, 4, 5)),
-                                                 (torch.channels_last_3d, (2, 6, 3, 2, 4))], ids=["4d", "5d"])
+                                                 (torch.channels_last_3d, (2, 6, 3, 2, 4)),
+                                                 (torch.channels_last, (1, 6, 4, 5))],
+                         ids=["4d", "5d", "4d-one-sample-batch-stride-6"])
 def test_channels_last_is_kept_and_correct(any_backend, randn, memory_format, shape):
     x = randn(*shape).to(memory_format=memory_format)
+    if shape[0] == 1:
+        # A batch of one whose batch stride is not C*S, as a convolution returns it: channels_last all the same
+        # (a size-1 dimension's stride moves nothing), but ATen's GroupNorm rejects it as it comes.
+        odd = torch.empty_strided(shape, (6, 1, 30, 6), dtype=x.dtype, device=x.device)
+        x = odd.copy_(x)
     weight, bias = randn(6), randn(6)
     y = diffkern.group_norm_silu(x, 3, weight, bias, backend=any_backend)
     assert backends.last_backend(OP) == any_backend

@@ -118,12 +118,13 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
     dtype = compute_dtype(x)
-    if x.is_cpu and dtype == torch.float32:
-        # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.) ATen's kernel takes NCHW and
-        # channels_last (3d) tensors as they are.
+    if x.is_cpu and dtype == torch.float32 and (x.is_contiguous() or _is_channels_last(x)):
+        # (Each skipped no-op .to() or .view() is a microsecond at latent sizes.)
         xc = x if x.dtype == dtype else x.to(dtype)
-        if xc.dim() == 3 and xc.stride(1) == 1 and c > 1 and s > 1:
-            # A 3-D channels-last view (strides (C*S, 1, C)): the memory of an (N, C, S, 1) channels_last tensor.
+        if not xc.is_contiguous():
+            # Channels-last (the contract's other layout): ATen takes the memory of an (N, C, S, 1) channels_last
+            # tensor with its canonical strides. (It rejects some channels-last tensors as they come: a batch of
+            # one whose batch stride is not C*S, as a convolution may return, fails its memory-format check.)
             xc = xc.as_strided((n, c, s, 1), (c * s, 1, c, c))
         if weight is not None and weight.dtype != dtype:
             weight = weight.to(dtype)
@@ -133,7 +134,7 @@ def group_norm_silu_forward_reference(x: torch.Tensor, weight: Optional[torch.Te
         ratio = mean * rstd
         if float(ratio.abs_().max()) <= _FUSED_FORM_MAX_MEAN_RSTD:
             y = F.silu(z, inplace=True)
-            if y.dim() != x.dim():
+            if y.shape != x.shape:  # the (N, C, S, 1) view of a channels-last x
                 y = y.view_as(x)
             return (y if y.dtype == x.dtype else y.to(x.dtype)), mean, rstd
     grouped = x.to(dtype).reshape(n, num_groups, -1)
@@ -169,6 +170,19 @@ def group_norm_silu_backward_reference(
     dx = torch.empty_like(x)
     dx.copy_(dx_g.reshape(x.shape))
     return dx, dweight, dbias
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """channels_last (3d), or a 3-D ``(N, C, S)`` view with strides ``(C*S, 1, C)`` (size-1 dimensions' strides
+    aside)."""
+    if x.ndim == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.ndim == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    if x.ndim != 3:
+        return False
+    n, c, s = x.shape
+    return (c == 1 or x.stride(1) == 1) and (s == 1 or x.stride(2) == c) and (n == 1 or x.stride(0) == c * s)
 
 
 def in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
