@@ -152,11 +152,11 @@ def _bind_ddpm_step(model_output, sample, noise, alphas_cumprod, timestep, prev_
 def _plain_step_tail(sample: torch.Tensor, timestep, prev_timestep, *, prediction_type: str, clip_sample: bool,
                      clip_sample_range: float, thresholding: bool, dynamic_thresholding_ratio: float,
                      sample_max_value: float, guidance_scale: Optional[float], guidance_rescale: float = 0.0):
-    """The step binders' shared part: for a one-launch step (no thresholding, no guidance rescale, not float64)
-    with python-int timesteps, ``(prediction code, clip_sample, clip_sample_range, guidance_scale)`` as the ops
-    take them; None for any other call (then ``_run_step`` runs it)."""
-    if sample.dtype == torch.float64 or thresholding or (guidance_scale is not None and guidance_rescale != 0) \
-            or type(timestep) is not int or type(prev_timestep) is not int:
+    """The step binders' shared part: for a one-launch step (``_common.one_launch_step``), ``(prediction code,
+    clip_sample, clip_sample_range, guidance_scale)`` as the ops take them; None for any other call (then
+    ``_run_step`` runs it)."""
+    if not C.one_launch_step(sample, timestep, prev_timestep, thresholding=thresholding,
+                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale):
         return None
     return PREDICTION_CODES[prediction_type], clip_sample, clip_sample_range, guidance_scale
 
@@ -204,8 +204,7 @@ def group_norm_silu_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bia
 def _bind_group_norm_silu_forward(x, weight, bias, num_groups, eps):
     if x.dtype == torch.float64 or not all(p is None or p.is_contiguous() for p in (weight, bias)):
         return None
-    op = _ops().group_norm_silu_fwd_cuda.default
-    return lambda x, weight, bias, num_groups, eps: op(x, weight, bias, num_groups, eps)
+    return _ops().group_norm_silu_fwd_cuda.default
 
 
 @C.float64_runs_reference(group_norm_silu_backward_reference, dtype_from=1)

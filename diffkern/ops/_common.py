@@ -116,10 +116,9 @@ def _check_table_values(table: torch.Tensor) -> Optional[int]:
     """Checks a CPU table's values once per table and version; returns the token of that (table, version). An
     inference tensor (made under ``torch.inference_mode``) has no version counter, so nothing tells when it
     changes: its values are checked on every call, and it has no token (None)."""
-    key = id(table)
-    seen = _checked_tables.get(key)
-    if seen is not None and seen[0]() is table and seen[1] == table._version:
-        return seen[2]
+    token = table_token(table)
+    if token is not None:
+        return token
     bad = ~(torch.isfinite(table) & (table >= 0) & (table <= 1))
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
@@ -128,6 +127,7 @@ def _check_table_values(table: torch.Tensor) -> Optional[int]:
     if table.is_inference():
         return None
     token = next(_table_tokens)
+    key = id(table)
     _checked_tables[key] = (weakref.ref(table, lambda _: _checked_tables.pop(key, None)), table._version, token)
     return token
 
@@ -140,9 +140,9 @@ def table_token(table: torch.Tensor) -> Optional[int]:
     return None
 
 
-# (function, table token, host timesteps, arguments) -> coefficients, for ``host_coefficients``.
+# (function, table token, host timesteps, arguments) -> coefficients, for ``host_coefficients`` (bounded like
+# the plan caches, ``store_plan``).
 _host_coefficients: Dict[tuple, object] = {}
-HOST_COEFFICIENTS_LIMIT = 4096
 
 
 def host_coefficients(compute: Callable, table: torch.Tensor, timesteps: tuple, *args):
@@ -156,9 +156,7 @@ def host_coefficients(compute: Callable, table: torch.Tensor, timesteps: tuple, 
             key = (compute, token, timesteps, args)
             found = _host_coefficients.get(key)
             if found is None:
-                if len(_host_coefficients) >= HOST_COEFFICIENTS_LIMIT:
-                    _host_coefficients.clear()
-                found = _host_coefficients[key] = compute(table, *timesteps, *args)
+                found = store_plan(_host_coefficients, key, compute(table, *timesteps, *args))
             return found
     return compute(table, *timesteps, *args)
 
@@ -841,6 +839,15 @@ def table_ready(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> bool:
     """Whether ``prepare_table`` would return the table itself (then a call skips it)."""
     dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
     return alphas_cumprod.device == sample.device and alphas_cumprod.dtype == dtype and alphas_cumprod.is_contiguous()
+
+
+def one_launch_step(sample: torch.Tensor, timestep, prev_timestep, *, thresholding: bool,
+                    guidance_scale: Optional[float], guidance_rescale: float) -> bool:
+    """Whether a step call is what the fast backends' binders specialise: one kernel launch (no dynamic
+    thresholding, no guidance rescale: each adds a pass first), not float64 (which runs the reference), and
+    python-int timesteps (kernel arguments)."""
+    return not (sample.dtype == torch.float64 or thresholding or (guidance_scale is not None and guidance_rescale != 0)
+                or type(timestep) is not int or type(prev_timestep) is not int)
 
 
 def binds(implementation: Callable) -> Callable[[Callable], Callable]:

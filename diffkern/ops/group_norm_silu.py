@@ -187,8 +187,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when NCHW or channels_last (3d), else a C-contiguous copy: the backend contract's layouts."""
-    if x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)) \
-            or (x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+    if x.is_contiguous() or (x.ndim > 3 and _is_channels_last(x)):
         return x
     return x.contiguous()
 

@@ -365,9 +365,9 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     tensors and the two timesteps, were computed here once; None for any other call. ``alphas_cumprod`` is read
     for its length only (the plan's table may be prepared per call); the launch ignores its ``noise`` unless
     ``uses_noise`` (DDIM at eta = 0, as ``ddim_step`` does)."""
-    if sample.dtype == torch.float64 or sample.numel() == 0 or thresholding \
-            or (guidance_scale is not None and guidance_rescale != 0) \
-            or type(timestep) is not int or type(prev_timestep) is not int:
+    if sample.numel() == 0 or not C.one_launch_step(sample, timestep, prev_timestep, thresholding=thresholding,
+                                                    guidance_scale=guidance_scale,
+                                                    guidance_rescale=guidance_rescale):
         return None
     batch = sample.shape[0]
     n = sample.numel() // batch

@@ -66,8 +66,7 @@ __all__ = ["BACKWARD", "FORWARD", "REGIMES", "Plan", "group_norm_silu_backward",
 
 _interpreter.fix_triton36_interpreter()
 
-# The backends' one numeric policy (README, "Numerics"): no FMA contraction, as the steps.
-_LAUNCH_OPTIONS = LAUNCH_OPTIONS
+# The launches take LAUNCH_OPTIONS, the backends' one numeric policy (README, "Numerics"): no FMA contraction.
 
 
 def _param(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -148,7 +147,7 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
     meta = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
                 OFFSETS_64=plan.offsets_64, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks))
-    options = dict(num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
+    options = dict(num_warps=plan.num_warps, **LAUNCH_OPTIONS)
     if plan.regime == "split":
         chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
                       plan.s_tiles_per_chunk)
@@ -210,7 +209,7 @@ def group_norm_silu_backward(
     partials = torch.empty((planes, rows, c), device=x.device, dtype=torch.float32) if planes else x
     w, b = _param(weight, x), _param(bias, x)
     layout = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
-                  OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **_LAUNCH_OPTIONS)
+                  OFFSETS_64=plan.offsets_64, num_warps=plan.num_warps, **LAUNCH_OPTIONS)
     affine = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias)
     with device_guard(x):
         if plan.regime == "split":
@@ -232,5 +231,5 @@ def group_norm_silu_backward(
             sum_partial_rows_kernel[(cdiv(c, block_c), planes)](
                 partials, dweight if has_weight else dbias, dbias if has_bias else dweight, rows, c,
                 HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_R=min(next_pow2(rows), 16), BLOCK_C=block_c,
-                **_LAUNCH_OPTIONS)
+                **LAUNCH_OPTIONS)
     return dx.view_as(original), dweight, dbias
