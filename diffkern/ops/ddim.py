@@ -181,7 +181,7 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         try:
             key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
                    C.timestep_key(timestep), C.timestep_key(prev_timestep), C.optional_tensor_key(noise),
-                   generator is None, C.options_key(options), backends.environment_choice(backend))
+                   type(generator), C.options_key(options), backends.environment_choice(backend))
             plan = _PLANS.get(key)
         except Exception:  # a bad argument, or values checked on every call: the full checks below
             key = None

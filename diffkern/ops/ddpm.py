@@ -175,7 +175,7 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         try:
             key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
                    C.timestep_key(timestep), None if prev_timestep is None else C.timestep_key(prev_timestep),
-                   C.optional_tensor_key(noise), generator is None, C.options_key(options),
+                   C.optional_tensor_key(noise), type(generator), C.options_key(options),
                    backends.environment_choice(backend))
             plan = _PLANS.get(key)
         except Exception:  # a bad argument, or values checked on every call: the full checks below
