@@ -3,8 +3,9 @@
 // process.
 //
 // flow_match_step_cuda: one elementwise-engine kernel reads model_output (both halves with guidance), the sample
-// and, stochastic, the noise once, and writes prev_sample and pred_original_sample once. Per-sample sigma and
-// sigma_next are float32 [1 or B] device tensors, read in the kernel.
+// and, stochastic, the noise once, and writes prev_sample and pred_original_sample once. Each of sigma and
+// sigma_next is a float32 [1 or B] device tensor, read in the kernel, or a host value shared by the batch (the
+// op's `Tensor? sigma, float host_sigma` pair: a python float is a kernel argument, not a fill kernel).
 //
 // Guidance rescale needs q = std(cond) / std(v) per sample (v the guided velocity, unbiased std over the whole
 // sample) before any element is written: the stats pass every step with guidance shares (guidance_rescale.cuh:
@@ -18,16 +19,21 @@
 namespace diffkern {
 namespace {
 
-// sigma[b] of a [1] (shared) or [B] tensor.
-__device__ __forceinline__ float sigma_of(const float* sigma, int64_t numel, int64_t b) {
-  return sigma[numel == 1 ? 0 : b];
-}
+// A sigma argument as the kernels take it: a [1] (shared) or [B] device tensor, or (values == nullptr) the host
+// value shared by the batch.
+struct SigmaArg {
+  const float* values;
+  int64_t numel;
+  float host;
+
+  __device__ __forceinline__ float of(int64_t b) const {
+    return values == nullptr ? host : values[numel == 1 ? 0 : b];
+  }
+};
 
 struct FlowScalars {
-  const float* sigma;
-  int64_t sigma_numel;
-  const float* sigma_next;
-  int64_t sigma_next_numel;
+  SigmaArg sigma;
+  SigmaArg sigma_next;
   GuidanceRescale rescale;  // q per sample with the rescale (else null), r, and keep = 1 - r rounded once from
                             // float64 (as the pipelines compute it)
   float guidance_scale;
@@ -50,8 +56,8 @@ struct FlowStepOp : StepStreams<GUIDED, STOCHASTIC, false> {
 
   __device__ __forceinline__ Coef coef(int64_t b) const {
     Coef c;
-    c.s = sigma_of(p.sigma, p.sigma_numel, b);
-    c.s_next = sigma_of(p.sigma_next, p.sigma_next_numel, b);
+    c.s = p.sigma.of(b);
+    c.s_next = p.sigma_next.of(b);
     c.dt = c.s_next - c.s;
     c.keep_next = 1.0f - c.s_next;
     c.q = RESCALE ? p.rescale.q(b) : 1.0f;
@@ -74,8 +80,7 @@ struct FlowStepOp : StepStreams<GUIDED, STOCHASTIC, false> {
 };
 
 struct FlowAddNoiseOp {
-  const float* sigma;
-  int64_t sigma_numel;
+  SigmaArg sigma;
 
   struct Coef {
     float s;
@@ -83,7 +88,7 @@ struct FlowAddNoiseOp {
   };
 
   __device__ __forceinline__ Coef coef(int64_t b) const {
-    const float s = sigma_of(sigma, sigma_numel, b);
+    const float s = sigma.of(b);
     return Coef{s, 1.0f - s};
   }
 
@@ -92,18 +97,25 @@ struct FlowAddNoiseOp {
   }
 };
 
-void check_sigma(const Tensor& sigma, const char* name, const Tensor& sample, int64_t batch) {
-  check_same_device(sigma, name, sample, "sample");
-  check_dtype(sigma, name, ScalarType::Float);
-  STD_TORCH_CHECK(sigma.dim() == 1 && (sigma.numel() == 1 || sigma.numel() == batch) && sigma.is_contiguous(),
+// The kernels' view of a `Tensor? sigma, float host_sigma` pair, checked: the host value is taken as float32 (the
+// callers round it to float32 first; a cast rounds to nearest either way).
+SigmaArg sigma_arg(const std::optional<Tensor>& sigma, double host_sigma, const char* name, const Tensor& sample,
+                   int64_t batch) {
+  if (!sigma.has_value()) return SigmaArg{nullptr, 1, static_cast<float>(host_sigma)};
+  check_same_device(*sigma, name, sample, "sample");
+  check_dtype(*sigma, name, ScalarType::Float);
+  STD_TORCH_CHECK(sigma->dim() == 1 && (sigma->numel() == 1 || sigma->numel() == batch) && sigma->is_contiguous(),
                   "diffkern: ", name, " must be a contiguous float32 tensor of shape [1] or [", batch, "]");
+  return SigmaArg{static_cast<const float*>(sigma->const_data_ptr()), sigma->numel(), 0.0f};
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor> flow_match_step_cuda(const Tensor& model_output, const Tensor& sample,
-                                                const std::optional<Tensor>& noise, const Tensor& sigma,
-                                                const Tensor& sigma_next, std::optional<double> guidance_scale,
+                                                const std::optional<Tensor>& noise,
+                                                const std::optional<Tensor>& sigma, double host_sigma,
+                                                const std::optional<Tensor>& sigma_next, double host_sigma_next,
+                                                std::optional<double> guidance_scale,
                                                 double guidance_rescale, double keep, bool stochastic) {
   check_cuda_tensor(sample, "sample");
   check_sample_dtype(sample, "sample");
@@ -114,8 +126,8 @@ std::tuple<Tensor, Tensor> flow_match_step_cuda(const Tensor& model_output, cons
                   "diffkern: model_output must have ", guided ? "2B" : "B", " samples of sample's shape");
   check_model_output(model_output, sample, 1);
   check_alike_batch_outer(model_output, sample);
-  check_sigma(sigma, "sigma", sample, batch);
-  check_sigma(sigma_next, "sigma_next", sample, batch);
+  const SigmaArg sigma_values = sigma_arg(sigma, host_sigma, "sigma", sample, batch);
+  const SigmaArg sigma_next_values = sigma_arg(sigma_next, host_sigma_next, "sigma_next", sample, batch);
   STD_TORCH_CHECK(!stochastic || noise.has_value(), "diffkern: the stochastic flow_match_step needs noise");
   if (stochastic) {
     check_same_device(*noise, "noise", sample, "sample");
@@ -126,10 +138,8 @@ std::tuple<Tensor, Tensor> flow_match_step_cuda(const Tensor& model_output, cons
   const bool rescaled = guided && guidance_rescale != 0.0;
 
   FlowScalars s{};
-  s.sigma = static_cast<const float*>(sigma.const_data_ptr());
-  s.sigma_numel = sigma.numel();
-  s.sigma_next = static_cast<const float*>(sigma_next.const_data_ptr());
-  s.sigma_next_numel = sigma_next.numel();
+  s.sigma = sigma_values;
+  s.sigma_next = sigma_next_values;
   s.guidance_scale = guided ? static_cast<float>(*guidance_scale) : 0.0f;
   s.rescale = GuidanceRescale{nullptr, static_cast<float>(guidance_rescale), static_cast<float>(keep)};
   Tensor factor = empty_float(sample, {0});
@@ -159,7 +169,8 @@ std::tuple<Tensor, Tensor> flow_match_step_cuda(const Tensor& model_output, cons
   return run_step("flow_match_step", StepScalars{}, model_output, sample, batch, guided, false, full_step);
 }
 
-Tensor flow_add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const Tensor& sigma) {
+Tensor flow_add_noise_cuda(const Tensor& original_samples, const Tensor& noise, const std::optional<Tensor>& sigma,
+                           double host_sigma) {
   check_cuda_tensor(original_samples, "original_samples");
   check_sample_dtype(original_samples, "original_samples");
   STD_TORCH_CHECK(original_samples.dim() >= 1, "diffkern: original_samples must have a batch dimension");
@@ -169,14 +180,14 @@ Tensor flow_add_noise_cuda(const Tensor& original_samples, const Tensor& noise, 
   STD_TORCH_CHECK(is_batch_outer_dense(original_samples) && same_strides(noise, original_samples),
                   "diffkern: original_samples and noise must be laid out alike, dense with the batch outermost");
   const int64_t batch = original_samples.size(0);
-  check_sigma(sigma, "sigma", original_samples, batch);
+  const SigmaArg sigma_values = sigma_arg(sigma, host_sigma, "sigma", original_samples, batch);
 
   Tensor out = empty_strided_like(original_samples, original_samples.scalar_type());
   if (original_samples.numel() == 0) return out;
   const int64_t n = original_samples.numel() / batch;
   const DeviceGuard guard(original_samples.get_device_index());
   const cudaStream_t stream = current_stream(original_samples.get_device_index());
-  const FlowAddNoiseOp op{static_cast<const float*>(sigma.const_data_ptr()), sigma.numel()};
+  const FlowAddNoiseOp op{sigma_values};
   dispatch_float_types(original_samples.scalar_type(), "flow_add_noise", [&](auto tag) {
     using T = decltype(tag);
     InStreams<T, 2> in{{static_cast<const T*>(original_samples.const_data_ptr()),

@@ -228,14 +228,51 @@ from diffkern.ops.flow_add_noise import flow_add_noise_reference  # noqa: E402
 from diffkern.ops.flow_match import flow_match_step_reference  # noqa: E402
 
 
+def _sigma_pair(sigma) -> Tuple[Optional[torch.Tensor], float]:
+    """The ops' ``Tensor? sigma, float host_sigma``: a python float (float32-exact, shared by the batch: a kernel
+    argument) as ``(None, value)``, a float32 ``[1 or B]`` tensor as ``(tensor, 0.0)``."""
+    if type(sigma) is float:
+        return None, sigma
+    return sigma, 0.0
+
+
 @C.float64_runs_reference(flow_match_step_reference, dtype_from=1)
 def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-                    sigma: torch.Tensor, sigma_next: torch.Tensor, *, guidance_scale: Optional[float],
-                    guidance_rescale: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _ops().flow_match_step_cuda(model_output, sample, noise if stochastic else None, sigma, sigma_next,
-                                       guidance_scale, guidance_rescale, 1 - guidance_rescale, stochastic)
+                    sigma, sigma_next, *, guidance_scale: Optional[float], guidance_rescale: float,
+                    stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``flow_match_step_reference``'s contract (sigmas python floats or float32 ``[1 or B]`` tensors)."""
+    return _ops().flow_match_step_cuda(model_output, sample, noise if stochastic else None, *_sigma_pair(sigma),
+                                       *_sigma_pair(sigma_next), guidance_scale, guidance_rescale,
+                                       1 - guidance_rescale, stochastic)
+
+
+@C.binds(flow_match_step)
+def _bind_flow_match_step(model_output, sample, noise, sigma, sigma_next, *, guidance_scale, guidance_rescale,
+                          stochastic):
+    """Not float64: the op's overload with the options prebuilt."""
+    if sample.dtype == torch.float64:
+        return None
+    op = _ops().flow_match_step_cuda.default
+    options = (guidance_scale, guidance_rescale, 1 - guidance_rescale, stochastic)
+
+    def launch(model_output, sample, noise, sigma, sigma_next):
+        return op(model_output, sample, noise if stochastic else None, *_sigma_pair(sigma), *_sigma_pair(sigma_next),
+                  *options)
+    return launch
 
 
 @C.float64_runs_reference(flow_add_noise_reference, dtype_from=0)
-def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return _ops().flow_add_noise_cuda(original_samples, noise, sigma)
+def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """``flow_add_noise_reference``'s contract (sigma a python float or a float32 ``[1 or B]`` tensor)."""
+    return _ops().flow_add_noise_cuda(original_samples, noise, *_sigma_pair(sigma))
+
+
+@C.binds(flow_add_noise)
+def _bind_flow_add_noise(original_samples, noise, sigma):
+    if original_samples.dtype == torch.float64:
+        return None
+    op = _ops().flow_add_noise_cuda.default
+
+    def launch(original_samples, noise, sigma):
+        return op(original_samples, noise, *_sigma_pair(sigma))
+    return launch

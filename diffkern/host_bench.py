@@ -187,9 +187,17 @@ def _host_cases(shape=(2, 4, 8, 8), gn_shape=(2, 64, 4, 4), groups=32) -> Dict[s
     cases["add_noise"] = per_backend("add_noise", lambda b: diffkern.add_noise(x, noise, t, abar, backend=b))
     cases["group_norm_silu"] = per_backend("group_norm_silu", lambda b: diffkern.group_norm_silu(
         gx, groups, weight, bias, backend=b))
+    # Flow matching: host sigmas as a scheduler's CPU ``sigmas`` yields them (0-d float32 CPU tensors).
+    sigmas = torch.linspace(1.0, 0.0, 51)[10:12]
+    sigma, sigma_next = sigmas[0], sigmas[1]
+    cases["flow_match_step"] = per_backend("flow_match_step", lambda b: diffkern.flow_match_step(
+        eps, x, sigma, sigma_next, backend=b))
+    cases["flow_add_noise"] = per_backend("flow_add_noise", lambda b: diffkern.flow_add_noise(
+        x, noise, sigma, backend=b))
 
     cases["add_noise"]["PyTorch formula"] = lambda: abar[t] ** 0.5 * x + (1 - abar[t]) ** 0.5 * noise
     cases["group_norm_silu"]["PyTorch formula"] = lambda: F.silu(F.group_norm(gx, groups, weight, bias))
+    cases["flow_add_noise"]["PyTorch formula"] = lambda: sigma * noise + (1 - sigma) * x
     diffusers = _diffusers()
     if diffusers is not None:
         ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
@@ -202,6 +210,13 @@ def _host_cases(shape=(2, 4, 8, 8), gn_shape=(2, 64, 4, 4), groups=32) -> Dict[s
             eps2[:2] + 7.5 * (eps2[2:] - eps2[:2]), t, x)
         cases["ddpm_step"]["diffusers DDPMScheduler.step"] = lambda: ddpm.step(eps, t, x, generator=g)
         cases["add_noise"]["diffusers add_noise"] = lambda: ddim.add_noise(x, noise, timesteps)
+        flow = diffusers.FlowMatchEulerDiscreteScheduler()
+        flow.set_timesteps(50)
+
+        def flow_step():
+            flow._step_index = 10  # (an attribute store: what the scheduler's own step does between calls)
+            return flow.step(eps, flow.timesteps[10], x)
+        cases["flow_match_step"]["diffusers FlowMatchEulerDiscreteScheduler.step"] = flow_step
     return cases
 
 
@@ -308,7 +323,7 @@ def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bo
     add = table.get("bare aten op", {}).get("torch.add")
     diffusers_ddim = table.get("ddim_step", {}).get("diffusers DDIMScheduler.step")
     checks = []
-    for group in ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu"):
+    for group in ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu", "flow_match_step", "flow_add_noise"):
         for backend in ("triton", "cuda"):
             name = f"diffkern {group} [{backend}]"
             ours = table.get(group, {}).get(name)
@@ -322,6 +337,9 @@ def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bo
     for suffix in ("", " (working size)"):
         for group, baseline, target in (("ddim_step", "diffusers DDIMScheduler.step", TARGET_REFERENCE_STEP),
                                         ("ddpm_step", "diffusers DDPMScheduler.step", TARGET_REFERENCE_STEP),
+                                        ("flow_match_step", "diffusers FlowMatchEulerDiscreteScheduler.step",
+                                         TARGET_REFERENCE_STEP),
+                                        ("flow_add_noise", "PyTorch formula", TARGET_REFERENCE_FORMULA),
                                         ("add_noise", "PyTorch formula", TARGET_REFERENCE_FORMULA),
                                         ("group_norm_silu", "PyTorch formula", TARGET_REFERENCE_FORMULA)):
             entries = table.get(group + suffix, {})

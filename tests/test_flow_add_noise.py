@@ -83,6 +83,20 @@ def test_auto_runs_the_reference_on_cpu_tensors(randn):
     assert backends.last_backend("flow_add_noise") == "reference"
 
 
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_a_host_sigma_equals_the_same_sigma_as_a_tensor(any_backend, dtype, randn, device):
+    """A python float (or a CPU scalar) reaches the backends as a kernel argument rounded to the compute dtype; a
+    tensor is read in the kernel: the same sigma gives the same bits either way (0.3 is not a float32)."""
+    x0, noise = randn(3, 4, 5, dtype=dtype), randn(3, 4, 5, dtype=dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    as_tensor = diffkern.flow_add_noise(x0, noise, torch.full((3,), 0.3, dtype=compute, device=device),
+                                        backend=any_backend)
+    for host in (0.3, torch.tensor(0.3, dtype=torch.float64)):
+        got = diffkern.flow_add_noise(x0, noise, host, backend=any_backend)
+        assert backends.last_backend("flow_add_noise") == any_backend
+        assert torch.equal(got, as_tensor), host
+
+
 def _bad_calls(device):
     x = torch.randn(2, 3, 4, device=device)
 
@@ -154,7 +168,8 @@ def test_opcheck(fast_backend, randn, device):
     if fast_backend == "cuda":
         from diffkern import _cuda_ops
 
-        opcheck(_cuda_ops._ops().flow_add_noise_cuda, (x, z, sigma), test_utils=("test_schema", "test_faketensor"))
+        for args in ((x, z, sigma, 0.0), (x, z, None, 0.25)):  # a tensor sigma, then a host one
+            opcheck(_cuda_ops._ops().flow_add_noise_cuda, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_gradcheck(any_backend, randn, device):

@@ -429,8 +429,9 @@ def test_opcheck(fast_backend, randn, device):
         from diffkern import _cuda_ops
 
         raw = _cuda_ops._ops().flow_match_step_cuda
-        for args in ((m, x, z, sigma, sigma_next, 4.0, 0.7, 0.3, True), (m[:2], x, None, sigma, sigma_next, None,
-                                                                           0.0, 1.0, False)):
+        # Tensor sigmas, then host ones (``Tensor? sigma, float host_sigma``).
+        for args in ((m, x, z, sigma, 0.0, sigma_next, 0.0, 4.0, 0.7, 0.3, True),
+                     (m[:2], x, None, None, 0.75, None, 0.5, None, 0.0, 1.0, False)):
             opcheck(raw, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -7,6 +7,7 @@ The ops' numerics are tested per op (tests/test_<op>.py); here only what the cac
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from diffkern.ops import _common as C
 from diffkern.ops import add_noise as add_noise_module
 from diffkern.ops import ddim as ddim_module
 from diffkern.ops import ddpm as ddpm_module
+from diffkern.ops import flow_add_noise as flow_add_noise_module
+from diffkern.ops import flow_match as flow_match_module
 from diffkern.ops import group_norm_silu as gn_module
 
 ABAR = diffkern.alphas_cumprod(diffkern.make_betas("scaled_linear", 1000, 0.00085, 0.012)).float()
@@ -59,6 +62,47 @@ def test_a_cached_signature_does_not_admit_an_equal_but_invalid_value(option, go
     _ddim(model_output if good is not None else eps, x, **{option: good})
     with pytest.raises(error, match=option):
         _ddim(model_output, x, **{option: bad})
+
+
+def test_flow_steps_are_served_from_one_plan_per_signature():
+    """A host sigma's value is not part of a flow op's key (a sampling loop shares one plan), but it is checked
+    on every call; a CPU [B] sigma is never served from a plan."""
+    x, v = _inputs()
+    flow_match_module._PLANS.clear()
+    flow_add_noise_module._PLANS.clear()
+    for sigma, sigma_next in ((0.9, 0.8), (0.8, 0.7), (torch.tensor(0.7), torch.tensor(0.6, dtype=torch.float64))):
+        diffkern.flow_match_step(v, x, sigma, sigma_next, backend="reference")
+        diffkern.flow_add_noise(x, v, sigma, backend="reference")
+    assert len(flow_match_module._PLANS) == 1 and len(flow_add_noise_module._PLANS) == 1
+    for bad in (1.5, -0.0625, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma_next"):
+            diffkern.flow_match_step(v, x, 0.5, bad, backend="reference")
+        with pytest.raises(ValueError, match="sigma"):
+            diffkern.flow_add_noise(x, v, torch.tensor(bad), backend="reference")
+    per_sample = torch.tensor([0.5, 0.25])
+    diffkern.flow_add_noise(x, v, per_sample, backend="reference")
+    per_sample[1] = 2.0
+    with pytest.raises(ValueError, match="sigma"):
+        diffkern.flow_add_noise(x, v, per_sample, backend="reference")
+
+
+def test_a_host_sigma_reaches_the_reference_as_a_python_float(monkeypatch):
+    """No fill kernel and no copy for a host sigma: the backends take it as a number rounded to the compute dtype
+    (``_flow.kernel_sigma``; tests/test_flow_add_noise.py compares it with a tensor sigma on every backend)."""
+    x, v = _inputs()
+    seen = []
+    reference = flow_add_noise_module.flow_add_noise_reference
+
+    def spy(original_samples, noise, sigma):
+        seen.append(sigma)
+        return reference(original_samples, noise, sigma)
+
+    flow_add_noise_module._PLANS.clear()
+    monkeypatch.setattr(backends, "implementation", lambda backend, name: spy)
+    diffkern.flow_add_noise(x, v, 0.3, backend="reference")
+    diffkern.flow_add_noise(x, v, torch.tensor(0.3), backend="reference")
+    assert seen == [C.round_float32(0.3), float(torch.tensor(0.3))] and all(type(s) is float for s in seen)
+    flow_add_noise_module._PLANS.clear()
 
 
 def test_host_timestep_values_are_checked_on_every_call():
@@ -232,6 +276,12 @@ BOUND_CASES = [
     ("ddpm_step", {"variance_type": "learned_range", "guidance_scale": 3.0}, torch.float16),
     ("group_norm_silu", {}, torch.float32),
     ("group_norm_silu", {"channels_last": True, "affine": False}, torch.float16),
+    ("flow_match_step", {}, torch.float32),
+    ("flow_match_step", {"guidance_scale": 4.5}, torch.float16),
+    ("flow_match_step", {"stochastic": True, "guidance_scale": 3.0, "guidance_rescale": 0.7}, torch.float32),
+    ("flow_match_step", {"sigma_next": "tensor"}, torch.float32),   # one host sigma, one device tensor
+    ("flow_add_noise", {}, torch.float32),
+    ("flow_add_noise", {"sigma": "tensor"}, torch.bfloat16),
 ]
 
 
@@ -250,6 +300,17 @@ def _bound_case(op, options, dtype, device, gen):
         if options.pop("affine", True):
             weight, bias = (torch.randn(8, generator=gen).to(device) for _ in range(2))
         return (x, weight, bias, 4), dict(x=x, num_groups=4, weight=weight, bias=bias)
+    if op.startswith("flow"):
+        def sigma_of(name, value):  # a host sigma (float32-exact, as ``kernel_sigma`` makes it) or a [B] tensor
+            return torch.full((shape[0],), value, device=device) if options.pop(name, None) == "tensor" else value
+        sigma, sigma_next = sigma_of("sigma", 0.75), sigma_of("sigma_next", 0.5)
+        if op == "flow_add_noise":
+            return (x, eps, sigma), dict(original_samples=x, noise=eps, sigma=sigma)
+        model_output = torch.randn((6 if "guidance_scale" in options else 3,) + shape[1:],
+                                   generator=gen).to(device=device, dtype=dtype)
+        noise = eps if options.get("stochastic") else None
+        return (model_output, x, noise, sigma, sigma_next), dict(model_output=model_output, sample=x, sigma=sigma,
+                                                                 sigma_next=sigma_next, noise=noise, **options)
     timestep = options.pop("timestep", 500)
     if op == "add_noise":
         return (x, eps, table, timestep), dict(original_samples=x, noise=eps, timesteps=timestep,
@@ -268,18 +329,28 @@ def _bound_case(op, options, dtype, device, gen):
                          ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(BOUND_CASES)])
 def test_a_bound_launch_gives_what_the_implementation_gives(op, options, dtype, fast_backend, device, gen):
     module = {"add_noise": add_noise_module, "ddim_step": ddim_module, "ddpm_step": ddpm_module,
-              "group_norm_silu": gn_module}[op]
+              "group_norm_silu": gn_module, "flow_match_step": flow_match_module,
+              "flow_add_noise": flow_add_noise_module}[op]
     args, public = _bound_case(op, options, dtype, device, gen)
     module._PLANS.clear()
     getattr(diffkern, op)(backend=fast_backend, **public)
     assert backends.last_backend(op) == fast_backend
-    (plan,) = module._PLANS.values()
-    assert not isinstance(plan.launch, functools.partial), "the backend's binder did not specialise this call"
     entry = "group_norm_silu_forward" if op == "group_norm_silu" else op
     implementation = backends.implementation(fast_backend, entry)
+    sigmas = args[3:] if op == "flow_match_step" else args[2:] if op == "flow_add_noise" else ()
+    if any(isinstance(sigma, torch.Tensor) and sigma.is_cpu for sigma in sigmas):
+        # A CPU [B] sigma is checked on every call, never cached (a device one is): its call bound the launch the
+        # same way, from the same arguments (``backends.eager_launch``).
+        assert not module._PLANS
+        options = dict(guidance_scale=None, guidance_rescale=0.0, stochastic=False) if op == "flow_match_step" \
+            else {}
+        plan = types.SimpleNamespace(launch=C.bound_launch(implementation, args, options), options=options)
+    else:
+        (plan,) = module._PLANS.values()
+    assert not isinstance(plan.launch, functools.partial), "the backend's binder did not specialise this call"
     if op == "group_norm_silu":
         bound, direct = plan.launch(*args, plan.eps), implementation(*args, plan.eps)
-    elif op == "add_noise":
+    elif op in ("add_noise", "flow_add_noise"):
         bound, direct = plan.launch(*args), implementation(*args)
     else:
         bound, direct = plan.launch(*args), implementation(*args, **plan.options)

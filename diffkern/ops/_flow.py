@@ -6,10 +6,14 @@ python float, a 0-d tensor, or one value per sample (``[1]`` or ``[B]``), of any
 samples' device. Values on the host (python numbers, CPU tensors outside tracing) are checked: finite and in [0, 1].
 A device tensor is never read on the host (that would sync): a bad value there gives a bad sample, as in diffusers.
 
-The backends take sigmas as contiguous ``[1 or B]`` tensors on the samples' device, float32 (float64 for float64
-samples): a python float becomes a one-element tensor with ``torch.full`` (a fill kernel, no host-to-device copy),
-and a float32 tensor already there (what a diffusers scheduler's ``sigmas`` on the device yields, indexed) passes
-through without a copy.
+The backends take each sigma in one of two forms (the backend contract): a python float already rounded to the
+compute dtype (float32, float64 for float64 samples), shared by the batch, which the kernels take as a scalar
+argument; or a contiguous ``[1 or B]`` tensor of the compute dtype on the samples' device. An eager call passes a
+host value (a python float, or a one-element CPU tensor, read on the host for nothing: ``host_sigma``) as the
+float (``kernel_sigma``), so that a step launches no fill kernel and copies nothing to the device. The torch custom
+op, which ``torch.compile`` and autograd see, takes tensors (``prepare_sigma``: a python float becomes a
+one-element tensor with ``torch.full``, a fill kernel and no host-to-device copy; a float32 tensor already on the
+device, what a diffusers scheduler's ``sigmas`` there yields indexed, passes through without a copy).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numbers
 from typing import Callable, Sequence, Union
 
 import torch
+
+from diffkern.ops import _common as C
 
 SigmaLike = Union[float, torch.Tensor]
 
@@ -53,6 +59,51 @@ def check_sigma(name: str, sigma, batch: int, device: torch.device) -> SigmaLike
         if bool(bad.any()):
             raise ValueError(f"{name} must be finite and in [0, 1], got {values.tolist()}")
     return sigma
+
+
+def host_sigma(sigma):
+    """A one-element floating CPU tensor (a plain one: not fake, functional or functorch-wrapped) as a python float,
+    for eager calls; anything else unchanged."""
+    if type(sigma) is torch.Tensor and sigma.is_cpu and sigma.numel() == 1 and sigma.ndim <= 1 \
+            and sigma.is_floating_point() and not torch._C._functorch.is_functorch_wrapped_tensor(sigma):
+        return float(sigma)
+    return sigma
+
+
+def sigma_key(sigma):
+    """A sigma's part of a plan key (``_common``'s "eager hot path"). A python float is checked here (its value is
+    not in the key, so that a sampling loop shares one plan) and keyed by its type; a device tensor by its metadata;
+    a CPU tensor of several values is not cacheable (its values are checked on every call). A value that fails
+    raises, and the caller runs the full checks, which give the usual error."""
+    if type(sigma) is float:
+        if not 0.0 <= sigma <= 1.0:  # (NaN fails both comparisons)
+            raise C.Uncacheable
+        return float
+    if sigma.is_cpu:
+        raise C.Uncacheable
+    return (sigma.shape, sigma.stride(), sigma.dtype, sigma.device)
+
+
+def kernel_sigma(sigma: SigmaLike, sample: torch.Tensor) -> SigmaLike:
+    """What an eager call hands a backend: a python float rounded to ``compute_dtype(sample)`` (a kernel argument), a
+    tensor as ``prepare_sigma`` makes it."""
+    if type(sigma) is float:
+        return sigma if sample.dtype == torch.float64 else C.round_float32(sigma)
+    return prepare_sigma(sigma, sample)
+
+
+def coefficient(sigma: SigmaLike, compute: torch.dtype, ndim: int):
+    """A sigma of the backend contract as a reference's coefficient: a ``HostFloat`` of ``compute`` (its arithmetic
+    rounds as 0-d tensors of that dtype would) for a python float, ``[1 or B, 1, ...]`` for a tensor."""
+    if isinstance(sigma, float):
+        return (C.HostFloat64 if compute == torch.float64 else C.HostFloat32).of(sigma)
+    return per_sample(sigma.to(compute), ndim)
+
+
+def plain(coef):
+    """A coefficient as the tensor ops take it fastest: a ``HostFloat`` as a plain float (torch parses a float
+    subclass slower), a tensor unchanged."""
+    return float(coef) if isinstance(coef, C.HostFloat) else coef
 
 
 def prepare_sigma(sigma: SigmaLike, sample: torch.Tensor) -> torch.Tensor:

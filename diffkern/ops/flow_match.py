@@ -27,7 +27,7 @@ whole sample when a sample does not fit on chip).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -40,34 +40,38 @@ from diffkern.ops.ddim import StepOutput
 DECLARATION = OpDeclaration.single_entry(
     "flow_match_step", reference="diffkern.ops.flow_match:flow_match_step_reference",
     triton="diffkern.triton.flow_match:flow_match_step", cuda="diffkern._cuda_ops:flow_match_step",
-    # sigma, sigma_next: contiguous float32 [1 or B] on the samples' device. guidance_rescale: applied when
-    # guidance_scale is given and guidance_rescale != 0 (a stats pass, a merge, then the step); keep = 1 -
-    # guidance_rescale, computed once on the host in float64 as diffusers' pipelines compute it.
+    # sigma, sigma_next: a contiguous float32 [1 or B] tensor on the samples' device, or None and the host_ value
+    # (float32-exact) for the whole batch, so that a host sigma is a kernel argument and not a fill kernel.
+    # guidance_rescale: applied when guidance_scale is given and guidance_rescale != 0 (a stats pass, a merge, then
+    # the step); keep = 1 - guidance_rescale, computed once on the host in float64 as diffusers' pipelines compute it.
     cuda_ops=(CudaOp("flow_match_step_cuda",
-                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor sigma, Tensor sigma_next, "
-                     "float? guidance_scale, float guidance_rescale, float keep, bool stochastic) -> (Tensor, Tensor)",
-                     lambda model_output, sample, noise, sigma, sigma_next, guidance_scale, guidance_rescale, keep,
+                     "(Tensor model_output, Tensor sample, Tensor? noise, Tensor? sigma, float host_sigma, "
+                     "Tensor? sigma_next, float host_sigma_next, float? guidance_scale, float guidance_rescale, "
+                     "float keep, bool stochastic) -> (Tensor, Tensor)",
+                     lambda model_output, sample, noise, sigma, host_sigma, sigma_next, host_sigma_next,
+                     guidance_scale, guidance_rescale, keep,
                      stochastic: (torch.empty_like(sample), torch.empty_like(sample))),),
 )
 
 
 def flow_match_step_reference(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-                              sigma: torch.Tensor, sigma_next: torch.Tensor, *, guidance_scale: Optional[float],
+                              sigma: F.SigmaLike, sigma_next: F.SigmaLike, *, guidance_scale: Optional[float],
                               guidance_rescale: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract: ``model_output`` ``[B or 2B, ...]`` (2B with ``guidance_scale``), ``sample`` ``[B, ...]``
-    and ``noise`` (used when ``stochastic``) laid out alike; ``sigma``, ``sigma_next`` ``[1 or B]`` in the compute
-    dtype (``_flow.prepare_sigma``). Returns (prev_sample, pred_original_sample) in the sample's dtype and layout."""
+    and ``noise`` (used when ``stochastic``) laid out alike; ``sigma``, ``sigma_next`` python floats of the compute
+    dtype or ``[1 or B]`` tensors in it (``diffkern.ops._flow``). Returns (prev_sample, pred_original_sample) in the
+    sample's dtype and layout."""
     compute = F.compute_dtype(sample)
     batch, ndim = sample.shape[0], sample.ndim
     x = sample.to(compute)
     v = C.apply_guidance(model_output.to(compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
-    s = F.per_sample(sigma.to(compute), ndim)
-    s_next = F.per_sample(sigma_next.to(compute), ndim)
-    x0 = x - s * v
+    s = F.coefficient(sigma, compute, ndim)
+    s_next = F.coefficient(sigma_next, compute, ndim)
+    x0 = x - F.plain(s) * v
     if stochastic:
-        prev = (1.0 - s_next) * x0 + s_next * noise.to(compute)
+        prev = F.plain(1.0 - s_next) * x0 + F.plain(s_next) * noise.to(compute)
     else:
-        prev = x + (s_next - s) * v
+        prev = x + F.plain(s_next - s) * v
     return prev.to(sample.dtype), x0.to(sample.dtype)
 
 
@@ -113,6 +117,56 @@ def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: F.S
     Returns:
         ``StepOutput(prev_sample, pred_original_sample)`` in the sample's dtype and memory format.
     """
+    options = (guidance_scale, guidance_rescale, stochastic, backend)
+    key = plan = None
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        sigma, sigma_next = F.host_sigma(sigma), F.host_sigma(sigma_next)
+        try:
+            key = (C.tensor_key(model_output), C.tensor_key(sample), F.sigma_key(sigma), F.sigma_key(sigma_next),
+                   C.optional_tensor_key(noise), type(generator), C.options_key(options),
+                   backends.environment_choice(backend))
+            plan = _PLANS.get(key)
+        except Exception:  # a bad argument, or values checked on every call: the full checks below
+            key = None
+    if plan is None:
+        plan, sigma, sigma_next = _flow_match_plan(model_output, sample, sigma, sigma_next, noise, generator, *options)
+        C.store_plan(_PLANS, key, plan)
+    backends.record_choice("flow_match_step", plan.backend)
+
+    relayout = plan.relayout
+    if not plan.stochastic:
+        noise = None
+    elif noise is None:
+        # diffusers draws in float32 (the sample upcast) whatever the sample's dtype.
+        noise = C.draw_noise(sample.shape, torch.float32, sample.device, generator).to(sample.dtype)
+        relayout = not C.laid_out_alike((model_output, sample, noise))
+    if relayout:
+        model_output, sample, noise = C.same_layout([model_output, sample, noise])
+    if eager and not C.records_autograd(model_output, sample, noise):
+        prev, x0 = plan.launch(model_output, sample, noise, F.kernel_sigma(sigma, sample),
+                               F.kernel_sigma(sigma_next, sample))
+    else:
+        prev, x0 = _flow_match_step_op(model_output, sample, noise, F.prepare_sigma(sigma, sample),
+                                       F.prepare_sigma(sigma_next, sample), *plan.options.values(), plan.backend)
+    return StepOutput(prev, x0)
+
+
+class _FlowMatchPlan(NamedTuple):
+    """A validated ``flow_match_step`` call signature (see ``_common``'s "eager hot path")."""
+    backend: str
+    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
+    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
+    stochastic: bool
+    relayout: bool  # the tensors are not laid out alike: contiguous copies first
+
+
+_PLANS = C.plan_cache()
+
+
+def _flow_match_plan(model_output, sample, sigma, sigma_next, noise, generator, guidance_scale, guidance_rescale,
+                     stochastic, backend):
+    """Every check of ``flow_match_step``; returns (plan, sigma, sigma_next) with the sigmas normalised."""
     C.check_tensor("sample", sample)
     C.check_tensor("model_output", model_output)
     batch = sample.shape[0]
@@ -130,13 +184,10 @@ def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: F.S
     if noise is not None:
         C.check_like("noise", noise, "sample", sample)
     chosen = backends.resolve("flow_match_step", backend, device)
-    if not stochastic:
-        noise = None
-    elif noise is None:
-        # diffusers draws in float32 (the sample upcast) whatever the sample's dtype.
-        noise = C.draw_noise(sample.shape, torch.float32, device, generator).to(sample.dtype)
-    model_output, sample, noise = C.same_layout([model_output, sample, noise])
-    prev, x0 = _flow_match_step_op(model_output, sample, noise, F.prepare_sigma(sigma, sample),
-                                   F.prepare_sigma(sigma_next, sample), guidance_scale, guidance_rescale,
-                                   stochastic, chosen)
-    return StepOutput(prev, x0)
+    options = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, stochastic=stochastic)
+    # (A binder reads of the sigmas only their kind, host number or tensor, which kernel_sigma keeps.)
+    launch = backends.eager_launch(chosen, "flow_match_step", (model_output, sample, noise if stochastic else None,
+                                                              sigma, sigma_next), options)
+    plan = _FlowMatchPlan(chosen, launch, options, stochastic,
+                          not C.laid_out_alike((model_output, sample, noise if stochastic else None)))
+    return plan, sigma, sigma_next
