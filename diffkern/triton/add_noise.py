@@ -33,6 +33,29 @@ def _add_noise_kernel(x0_ptr, noise_ptr, out_ptr, table_ptr, table_stride, num_t
     tl.store(out_ptr + element, noisy.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _launch(original_samples: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: C.TimestepLike):
+    """``launch(original_samples, noise, alphas_cumprod, timesteps)`` for non-empty fp16/bf16/fp32 calls with these
+    arguments' signature (shapes, the table's length, a python-int or tensor timestep): grid and constexprs computed
+    here once."""
+    batch = original_samples.shape[0]
+    n = original_samples.numel() // batch
+    cfg = K.launch_config(batch, n)
+    launcher = _add_noise_kernel[cfg.grid]
+    num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
+    tail = K.positional_tail(_add_noise_kernel, "TIMESTEP_ON_HOST",
+                             dict(TIMESTEP_ON_HOST=type(timesteps) is int, BLOCK=cfg.block))
+    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
+
+    def launch(original_samples, noise, alphas_cumprod, timesteps):
+        out = torch.empty_like(original_samples)
+        t = K.timestep_args(timesteps, alphas_cumprod)
+        with K.device_guard(original_samples):
+            launcher(original_samples, noise, out, alphas_cumprod, alphas_cumprod.stride(0), num_train, t.ptr,
+                     t.stride, t.host, n, blocks_per_sample, *tail, **options)
+        return out
+    return launch
+
+
 @float64_runs_reference(add_noise_reference, dtype_from=0)
 def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               timesteps: C.TimestepLike) -> torch.Tensor:
@@ -41,39 +64,15 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, alphas_cumpro
     batch: a kernel argument) or int64 ``[1 or B]`` on the samples' device.
     Returns x_t in the samples' dtype and layout."""
     K.check_flat_layout(original_samples, noise)
-    out = torch.empty_like(original_samples)
-    if out.numel() == 0:
-        return out
-    batch = original_samples.shape[0]
-    n = original_samples.numel() // batch
-    table, table_stride, num_train = K.table_args(alphas_cumprod)
-    t = K.timestep_args(timesteps, table)
-    cfg = K.launch_config(batch, n)
-    with K.device_guard(original_samples):
-        _add_noise_kernel[cfg.grid](original_samples, noise, out, table, table_stride, num_train, t.ptr, t.stride,
-                                    t.host, n, cfg.blocks_per_sample, TIMESTEP_ON_HOST=t.on_host, BLOCK=cfg.block,
-                                    num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
-    return out
+    if original_samples.numel() == 0:
+        return torch.empty_like(original_samples)
+    K.table_args(alphas_cumprod)  # (checks the table)
+    return _launch(original_samples, alphas_cumprod, timesteps)(original_samples, noise, alphas_cumprod, timesteps)
 
 
 @C.binds(add_noise)
 def _bind_add_noise(original_samples, noise, alphas_cumprod, timesteps):
-    """``add_noise`` bound to one signature (``_common.binds``): python-int timesteps, non-empty fp16/bf16/fp32
-    samples."""
-    if original_samples.dtype == torch.float64 or original_samples.numel() == 0 or type(timesteps) is not int:
+    """``add_noise`` bound to one signature (``_common.binds``): non-empty fp16/bf16/fp32 samples."""
+    if original_samples.dtype == torch.float64 or original_samples.numel() == 0:
         return None
-    batch = original_samples.shape[0]
-    n = original_samples.numel() // batch
-    cfg = K.launch_config(batch, n)
-    launcher = _add_noise_kernel[cfg.grid]
-    num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
-    tail = K.positional_tail(_add_noise_kernel, "TIMESTEP_ON_HOST", dict(TIMESTEP_ON_HOST=True, BLOCK=cfg.block))
-    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
-
-    def launch(original_samples, noise, alphas_cumprod, timesteps):
-        out = torch.empty_like(original_samples)
-        with K.device_guard(original_samples):
-            launcher(original_samples, noise, out, alphas_cumprod, 1, num_train, alphas_cumprod, 0, timesteps, n,
-                     blocks_per_sample, *tail, **options)
-        return out
-    return launch
+    return _launch(original_samples, alphas_cumprod, timesteps)
