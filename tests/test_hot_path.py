@@ -105,6 +105,25 @@ def test_a_host_sigma_reaches_the_reference_as_a_python_float(monkeypatch):
     flow_add_noise_module._PLANS.clear()
 
 
+@pytest.mark.parametrize("op", ["ddim_step", "ddpm_step", "flow_match_step"])
+def test_a_cached_signature_does_not_admit_a_bad_generator(op):
+    """The generator's type is part of the key: a call with an int for generator after one with a generator gets
+    check_generator's TypeError, not a failure inside the noise draw."""
+    x, eps = _inputs()
+
+    def call(generator):
+        if op == "flow_match_step":
+            return diffkern.flow_match_step(eps, x, 0.5, 0.25, stochastic=True, generator=generator,
+                                            backend="reference")
+        step = getattr(diffkern, op)
+        return step(eps, 500, x, ABAR, prev_timestep=480, generator=generator, backend="reference",
+                    **({"eta": 1.0} if op == "ddim_step" else {}))
+
+    call(torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        call(3)
+
+
 def test_host_timestep_values_are_checked_on_every_call():
     x, eps = _inputs()
     _ddim(eps, x, timestep=999)
