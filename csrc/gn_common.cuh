@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "platform.cuh"
 #include "reductions.cuh"
@@ -41,6 +42,18 @@ struct GnDims {
   int Cg;
 };
 
+// How the NCHW split regime cuts a group (n, g) into K = Kr * Ks blocks: block k = blockIdx.y covers row slice
+// kr = k / Ks of Kr over the group's Cg channels and, in each of those rows, chunk ks = k % Ks of Ks over the row's
+// `units` (16-byte vectors, or elements) with units = uq * Ks + ur (precomputed on the host: the chunk bounds
+// need no 64-bit division on the device). Ks > 1 only with Kr = Cg (one row per block), so K = Cg * Ks <= 65535
+// (the grid's y dimension). The fused kernels use {1, 1, units, 0}.
+struct NchwSlices {
+  int Kr;
+  int Ks;
+  int64_t uq;
+  int ur;
+};
+
 // Accesses of one "unit": a 16-byte vector of kVec<T> elements, or one element.
 template <typename T, bool VEC>
 struct Unit {
@@ -67,6 +80,37 @@ struct Unit {
     }
   }
 
+  // The unit as loaded (16 bytes, or the element), unpacked later: loops that keep several units in flight hold
+  // them packed (fewer live registers across the division's slow-path calls, which would otherwise spill).
+  using Raw = std::conditional_t<VEC, uint4, T>;
+
+  static __device__ __forceinline__ Raw load_raw(const T* p) {
+    if constexpr (VEC) {
+      return load_raw16(p);
+    } else {
+      return *p;
+    }
+  }
+
+  // Loads from global memory, keeps a copy in shared memory.
+  static __device__ __forceinline__ Raw load_raw_keep(const T* p, T* keep) {
+    const Raw r = load_raw(p);
+    if constexpr (VEC) {
+      store_raw16(keep, r);
+    } else {
+      *keep = r;
+    }
+    return r;
+  }
+
+  static __device__ __forceinline__ void unpack(const Raw& r, float (&f)[W]) {
+    if constexpr (VEC) {
+      unpack_vec<T>(r, f);
+    } else {
+      f[0] = Elem<T>::to_float(r);
+    }
+  }
+
   static __device__ __forceinline__ void store(T* p, const float (&f)[W]) {
     if constexpr (VEC) {
       store_vec<T>(p, f);
@@ -75,6 +119,27 @@ struct Unit {
     }
   }
 };
+
+// Sums of the pair (a, b) over each team of L lanes (L a power of two up to kGnThreads, teams aligned), valid on
+// every lane of the team, in a fixed order. L <= 32: shuffles within the warp (every lane of the warp calls it).
+// Wider teams (whole warps): warp sums, then the team's warps in order through `scratch` (kGnWarps pairs); the
+// whole block must call it then (two barriers).
+__device__ __forceinline__ float2 team_sum_pair(float a, float b, int L, float2* scratch) {
+  if (L <= 32) return make_float2(team_sum(a, L), team_sum(b, L));
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = make_float2(a, b);
+  __syncthreads();
+  // The team's first warp: threadIdx.x rounded down to a multiple of L, in warps.
+  const float2* team = scratch + ((threadIdx.x & ~static_cast<unsigned>(L - 1)) >> 5);
+  float2 s = team[0];
+  for (int w = 1; w < (L >> 5); ++w) {
+    s.x += team[w].x;
+    s.y += team[w].y;
+  }
+  __syncthreads();  // scratch is reused by the next call
+  return s;
+}
 
 __device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
 

@@ -9,8 +9,10 @@
 //   NCHW, fused       (N*G >= P and the group fits in shared memory; x and dy kept on chip)
 //       forward:  1 kernel, x read once, y written once.
 //       backward: 1 kernel (x, dy read once, dx written once) + 1 tiny kernel reducing dweight/dbias.
-//   NCHW, split       (few groups, or groups larger than shared memory): each group's channels are split
-//                     over K = min(Cg, ceil(2P / (N*G))) blocks.
+//   NCHW, split       (few groups, or groups larger than shared memory): each group is split over K blocks,
+//                     about ceil(16P / (N*G)) of them (kGnBlocksPerSm: two waves of 8 resident blocks per SM):
+//                     slices of its Cg channels where that many are enough, else one channel per block and
+//                     each channel's row cut into Ks chunks of at least kGnMinChunkUnits units (NchwSlices).
 //       forward:  partial moments per slice -> merge + normalise + SiLU (x read twice; the second read
 //                 mostly hits L2 for diffusion-sized tensors).
 //       backward: per-channel sums -> dx (x, dy read twice) + the dweight/dbias reduction.
@@ -46,16 +48,45 @@ struct GnPlan {
   bool vec;        // 16-byte vector accesses (along S in NCHW, along C in NHWC)
   int team;        // NCHW: lanes per row team, L (unused in NHWC)
   int64_t slices;  // split: K, blocks per group (NCHW) or per sample (NHWC); 1 when fused
+  NchwSlices sl;   // NCHW: how a group's K blocks cut it (K = Kr * Ks)
   size_t smem[2];  // dynamic shared memory of the pass's first and second kernel
 };
 
-int team_width(int64_t units) {
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// NCHW split: blocks the automatic plan aims for per SM (two waves of 8 resident 256-thread blocks), and the
+// fewest units an automatic chunk of a row has (one per thread).
+constexpr int64_t kGnBlocksPerSm = 16;
+constexpr int64_t kGnMinChunkUnits = kGnThreads;
+
+// NCHW: lanes per row team, L, for blocks of `rows` rows of `chunk_units` units each: the power of two >= the
+// chunk's units up to a warp; wider (up to the block) while the block has more teams than rows and the chunk
+// more units than the team lanes.
+int team_width(int64_t chunk_units, int64_t rows) {
   int L = 1;
-  while (L < 32 && L < units) L <<= 1;
+  while (L < 32 && L < chunk_units) L <<= 1;
+  while (L < kGnThreads && L < chunk_units && kGnThreads / L > rows) L <<= 1;
   return L;
 }
 
-int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// NCHW split: K = Kr * Ks blocks per group of Cg rows of `units` units. `split` >= 1 asks for K = split (at most
+// Cg * units); else K about ceil(kGnBlocksPerSm * P / NG), with chunks of at least kGnMinChunkUnits units
+// (fewer blocks where the rows are short). K <= 65535, the grid's y dimension.
+NchwSlices choose_nchw_slices(int64_t split, int64_t NG, int Cg, int64_t units, int sm_count) {
+  const int64_t want = clamp64(split >= 1 ? split : (kGnBlocksPerSm * sm_count + NG - 1) / NG, 1, 65535);
+  NchwSlices sl{};
+  if (want <= Cg) {
+    sl.Kr = static_cast<int>(want);
+    sl.Ks = 1;
+  } else {
+    sl.Kr = Cg;  // Cg < want <= 65535
+    const int64_t max_ks = split >= 1 ? units : units / kGnMinChunkUnits;
+    sl.Ks = static_cast<int>(clamp64(clamp64((want + Cg - 1) / Cg, 1, max_ks), 1, 65535 / Cg));
+  }
+  sl.uq = units / sl.Ks;
+  sl.ur = static_cast<int>(units % sl.Ks);
+  return sl;
+}
 
 // Slices per group (NCHW: over the group's Cg channels) or per sample (NHWC: over its S pixels).
 // `blocks` is the number of blocks without splitting; the grid's y dimension holds at most 65535 slices.
@@ -99,19 +130,26 @@ GnPlan plan_group_norm(const GnDims& d, Layout layout, GnPass pass, size_t elem_
 
   if (layout == Layout::kNCHW) {
     p.vec = aligned && d.S % V == 0;
-    p.team = team_width(p.vec ? d.S / V : d.S);
-    // The group (x; and dy in the backward), its per-row statistics and one group-wide pair.
+    const int64_t units = p.vec ? d.S / V : d.S;
+    // The group (x; and dy in the backward), its per-row statistics and one group-wide pair; the kernels' static
+    // team scratch (team_sum_pair) comes on top.
     const size_t group_bytes = round16(static_cast<size_t>(d.Cg * d.S) * elem_bytes);
     const size_t fused_bytes = (backward ? 2 : 1) * group_bytes + round16(d.Cg * sizeof(float2)) + 16;
-    const bool fits = fused_bytes <= static_cast<size_t>(props.max_smem_optin);
+    const size_t team_scratch = kGnWarps * sizeof(float2);
+    const bool fits = fused_bytes + team_scratch <= static_cast<size_t>(props.max_smem_optin);
     p.fused = fits && (split == -1 || (split == 0 && NG >= props.sm_count));
     if (p.fused) {
+      p.sl = NchwSlices{1, 1, units, 0};
+      p.team = team_width(units, d.Cg);
       p.smem[0] = fused_bytes;
       return p;
     }
-    p.slices = choose_slices(split, NG, d.Cg, props.sm_count);
+    p.sl = choose_nchw_slices(split, NG, d.Cg, units, props.sm_count);
+    p.slices = static_cast<int64_t>(p.sl.Kr) * p.sl.Ks;
+    const int64_t rows = (d.Cg + p.sl.Kr - 1) / p.sl.Kr;
+    p.team = team_width(p.sl.uq + (p.sl.ur > 0 ? 1 : 0), rows);
     // Forward statistics: one pair per row of the slice. Forward apply and both backward kernels: none.
-    if (!backward) p.smem[0] = round16(static_cast<size_t>((d.Cg + p.slices - 1) / p.slices) * sizeof(float2));
+    if (!backward) p.smem[0] = round16(static_cast<size_t>(rows) * sizeof(float2));
     return p;
   }
 

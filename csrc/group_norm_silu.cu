@@ -108,7 +108,7 @@ void gn_forward(const Tensor& x, const Tensor& y, ParamRef w, ParamRef b, const 
   if (p.fused) {
     auto kernel = p.vec ? gn_fwd_fused_nchw<T, true> : gn_fwd_fused_nchw<T, false>;
     launch("group_norm_silu forward (fused)", kernel, dim3(static_cast<unsigned>(NG)), dim3(kGnThreads), p.smem[0],
-           stream, xp, yp, w, b, mp, rp, d, L, eps);
+           stream, xp, yp, w, b, mp, rp, d, p.sl, L, eps);
     return;
   }
   const int64_t K = p.slices;
@@ -117,9 +117,9 @@ void gn_forward(const Tensor& x, const Tensor& y, ParamRef w, ParamRef b, const 
   if (p.layout == Layout::kNCHW) {
     const dim3 grid(static_cast<unsigned>(NG), static_cast<unsigned>(K));
     launch("group_norm_silu forward (statistics)", p.vec ? gn_fwd_stats_nchw<T, true> : gn_fwd_stats_nchw<T, false>,
-           grid, dim3(kGnThreads), p.smem[0], stream, xp, pp, d, L);
+           grid, dim3(kGnThreads), p.smem[0], stream, xp, pp, d, p.sl, L);
     launch("group_norm_silu forward (apply)", p.vec ? gn_fwd_apply_nchw<T, true> : gn_fwd_apply_nchw<T, false>, grid,
-           dim3(kGnThreads), p.smem[1], stream, xp, yp, static_cast<const float2*>(pp), w, b, mp, rp, d, L, eps);
+           dim3(kGnThreads), p.smem[1], stream, xp, yp, static_cast<const float2*>(pp), w, b, mp, rp, d, p.sl, L, eps);
     return;
   }
 
@@ -148,18 +148,21 @@ void gn_backward(const Tensor& dy, const Tensor& x, ParamRef w, ParamRef b, cons
   Tensor chan;
 
   if (p.layout == Layout::kNCHW) {
-    chan = empty_float(x, {d.N * d.C, 2});
+    // Per-(sample, row chunk, channel) sums.
+    partial_rows = d.N * p.sl.Ks;
+    chan = empty_float(x, {partial_rows * d.C, 2});
     float2* cp = static_cast<float2*>(chan.mutable_data_ptr());
     if (p.fused) {
       launch("group_norm_silu backward (fused)", p.vec ? gn_bwd_fused_nchw<T, true> : gn_bwd_fused_nchw<T, false>,
              dim3(static_cast<unsigned>(NG)), dim3(kGnThreads), p.smem[0], stream, dyp, xp, mp, rp, w, b, dxp, cp, d,
-             L);
+             p.sl, L);
     } else {
       const dim3 grid(static_cast<unsigned>(NG), static_cast<unsigned>(K));
       launch("group_norm_silu backward (sums)", p.vec ? gn_bwd_sums_nchw<T, true> : gn_bwd_sums_nchw<T, false>, grid,
-             dim3(kGnThreads), p.smem[0], stream, dyp, xp, mp, rp, w, b, cp, d, L);
+             dim3(kGnThreads), p.smem[0], stream, dyp, xp, mp, rp, w, b, cp, d, p.sl, L);
       launch("group_norm_silu backward (dx)", p.vec ? gn_bwd_dx_nchw<T, true> : gn_bwd_dx_nchw<T, false>, grid,
-             dim3(kGnThreads), p.smem[1], stream, dyp, xp, mp, rp, w, b, static_cast<const float2*>(cp), dxp, d, L);
+             dim3(kGnThreads), p.smem[1], stream, dyp, xp, mp, rp, w, b, static_cast<const float2*>(cp), dxp, d, p.sl,
+             L);
     }
   } else {
     partial_rows = d.N * K;

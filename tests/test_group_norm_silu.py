@@ -649,6 +649,13 @@ EDGE_CASES = {
     "c520_nhwc": EdgeCase((2, 520, 3), 2, "channels_last", dtype=F32, regimes=(("cuda", "auto"),)),
     "s300_lane_teams": EdgeCase((1, 40, 300), 2, dtype=F32, regimes=HEURISTIC + (("cuda", "auto"),)),
     "s1_many_groups": EdgeCase((2, 128, 1), 16, dtype=F32, regimes=HEURISTIC + (("cuda", "auto"),)),
+    # CUDA NCHW split into chunks of each channel's row (more slices than a group has channels) with teams wider
+    # than a warp: automatic on 4 SMs (4 chunks of 256 float4 per channel), split7 (2 per channel); scalar rows
+    # of odd S (C/G = 3: 3 chunks per channel); a fused group of one long channel per block (teams of 128 lanes).
+    "s4096_row_chunks": EdgeCase((1, 8, 4096), 2, dtype=F32, regimes=(("cuda", "auto"), ("cuda", "split7"))),
+    "s1001_scalar_row_chunks": EdgeCase((1, 6, 1001), 2, dtype=BF16, params=F32,
+                                        regimes=(("cuda", "split7"), ("cuda", "split3"))),
+    "s1024_wide_teams_fused": EdgeCase((4, 4, 1024), 4, regimes=(("cuda", "fused"), ("cuda", "auto"))),
     # CUDA on emulated devices: few groups on 64 SMs (automatic: split); a group that does not fit 1 KiB of
     # shared memory (automatic: split, and -1 splits as well).
     "sm64_auto_splits": EdgeCase((2, 12, 20), 4, dtype=F32, regimes=(("cuda", "auto"),), sm_count=64),
