@@ -514,6 +514,12 @@ def step_abar(table: torch.Tensor, timesteps: "TimestepLike", dtype: torch.dtype
     return per_sample(coef, ndim).to(dtype)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already so (a no-op ``.to`` still costs a microsecond at latent
+    sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def apply_guidance(model_output: torch.Tensor, batch: int, guidance_scale: Optional[float],
                    channels: Optional[int] = None, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance over a ``[2B, ...]`` model output (first half unconditional, second half

@@ -36,8 +36,8 @@ def flow_add_noise_reference(original_samples: torch.Tensor, noise: torch.Tensor
     operation order)."""
     compute = F.compute_dtype(original_samples)
     s = F.coefficient(sigma, compute, original_samples.ndim)
-    noisy = F.plain(s) * noise.to(compute) + F.plain(1.0 - s) * original_samples.to(compute)
-    return noisy.to(original_samples.dtype)
+    noisy = F.operand(s) * C.as_dtype(noise, compute) + F.operand(1.0 - s) * C.as_dtype(original_samples, compute)
+    return C.as_dtype(noisy, original_samples.dtype)
 
 
 @torch.library.custom_op("diffkern::flow_add_noise", mutates_args=())

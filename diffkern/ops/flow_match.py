@@ -63,16 +63,16 @@ def flow_match_step_reference(model_output: torch.Tensor, sample: torch.Tensor, 
     sample's dtype and layout."""
     compute = F.compute_dtype(sample)
     batch, ndim = sample.shape[0], sample.ndim
-    x = sample.to(compute)
-    v = C.apply_guidance(model_output.to(compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
+    x = C.as_dtype(sample, compute)
+    v = C.apply_guidance(C.as_dtype(model_output, compute), batch, guidance_scale, guidance_rescale=guidance_rescale)
     s = F.coefficient(sigma, compute, ndim)
     s_next = F.coefficient(sigma_next, compute, ndim)
-    x0 = x - F.plain(s) * v
+    x0 = x - F.operand(s) * v
     if stochastic:
-        prev = F.plain(1.0 - s_next) * x0 + F.plain(s_next) * noise.to(compute)
+        prev = F.operand(1.0 - s_next) * x0 + F.operand(s_next) * C.as_dtype(noise, compute)
     else:
-        prev = x + F.plain(s_next - s) * v
-    return prev.to(sample.dtype), x0.to(sample.dtype)
+        prev = x + F.operand(s_next - s) * v
+    return C.as_dtype(prev, sample.dtype), C.as_dtype(x0, sample.dtype)
 
 
 @torch.library.custom_op("diffkern::flow_match_step", mutates_args=())
