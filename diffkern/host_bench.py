@@ -262,7 +262,46 @@ def _gpu_cases(device: torch.device) -> Dict[str, Dict[str, Callable]]:
                 entries["diffusers guidance + step"] = (lambda ddim=ddim, x=x, eps2=eps2: ddim.step(
                     eps2[:2] + 7.5 * (eps2[2:] - eps2[:2]), t, x))
             cases[group] = entries
+    cases.update(_sampling_loop_cases(device, abar))
     return cases
+
+
+LOOP_STEPS = 50
+
+
+def _sampling_loop_cases(device: torch.device, abar: torch.Tensor) -> Dict[str, Dict[str, Callable]]:
+    """The per-step overhead of a whole sampling loop: 50 guided DDIM steps at SD 1.5 latents in fp16 with an
+    identity model (so a loop is its steps and their host path), ``diffkern.sample`` eager and, on CUDA,
+    ``capture=True`` (graph capture included: one call is one loop as a user runs it), against diffusers' guidance +
+    ``step`` loop. Per step = the entry / ``LOOP_STEPS``. (On the CPU only diffusers' loop, as the other GPU cases.)"""
+    diffusers = _diffusers()
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn((2, 4, 64, 64), generator=g).to(device=device, dtype=torch.float16)
+    timesteps = torch.arange(999, 0, -1000 // LOOP_STEPS)[:LOOP_STEPS].to(device)
+
+    def model_fn(x, t):
+        return x
+
+    entries: Dict[str, Callable] = {}
+    for b in ("triton", "cuda"):
+        if device.type == "cuda" and backends.backend_status(b, "cuda").available:
+            for capture in (False, True):
+                entries[f"diffkern.sample [{b}] {'capture=True' if capture else 'eager'}"] = (
+                    lambda b=b, capture=capture: diffkern.sample(model_fn, x_T, abar, timesteps, guidance_scale=7.5,
+                                                                 capture=capture, backend=b))
+    if diffusers is not None:
+        ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+        ddim.set_timesteps(LOOP_STEPS, device=device)
+        ddim.alphas_cumprod = ddim.alphas_cumprod.to(device)
+
+        def diffusers_loop():
+            x = x_T
+            for t in ddim.timesteps:
+                out = model_fn(torch.cat([x, x]), t)
+                x = ddim.step(out[:2] + 7.5 * (out[2:] - out[:2]), t, x).prev_sample
+            return x
+        entries["diffusers guidance + step loop"] = diffusers_loop
+    return {f"sampling loop, {LOOP_STEPS} guided DDIM steps, SD 1.5 (2, 4, 64, 64) float16": entries}
 
 
 # Interleaved rounds of the CPU measurement (see the module docstring) and each round's time per entry.
@@ -354,8 +393,10 @@ def format_results(results: List[HostResult], title: str) -> str:
     lines = [title]
     for group, entries in _by_group(results).items():
         lines.append(f"  {group}")
+        per_step = group.startswith("sampling loop")  # (_sampling_loop_cases: one entry is a whole loop)
         for name, r in entries.items():
-            lines.append(f"    {name:<44} {r.median_us:9.2f} µs")
+            lines.append(f"    {name:<44} {r.median_us:9.2f} µs"
+                         + (f"  ({r.median_us / LOOP_STEPS:.2f} µs per step)" if per_step else ""))
     return "\n".join(lines)
 
 

@@ -253,7 +253,10 @@ def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
     """The GPU part of ``bench --host`` only runs on a GPU; its cases (diffusers' guidance + step, the eager
     formula) are checked here on CPU tensors, where no diffkern GPU backend is available."""
     cases = host_bench._gpu_cases(torch.device("cpu"))
-    assert len(cases) == 6
+    assert len(cases) == 7
+    loop = cases.pop(next(group for group in cases if group.startswith("sampling loop")))
+    assert list(loop) == ["diffusers guidance + step loop"]
+    loop["diffusers guidance + step loop"]()
     for entries in cases.values():
         assert "eager PyTorch" in entries and not any(name.startswith("diffkern") for name in entries)
         for fn in entries.values():
