@@ -217,6 +217,20 @@ def group_norm_cases(dtype: torch.dtype):
 
         layout = "channels_last" if channels_last else "nchw"
         yield f"group_norm_silu {regime} {layout} affine={affine} offsets_64={offsets_64}", forward_backward
+    # The split regime's packed tiles (channels-last, C/G not a multiple of 8: here 4 groups of 10 channels, 4
+    # per tile).
+    x = torch.randn(2, 40, 6, 5, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(40, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+
+    def packed(x=x, weight=weight, bias=bias):
+        x3 = x.view(2, 40, -1)
+        forward, backward = (triton_gn.plan_for(x3, 4, tuning, sm_count=132, regime="split") for tuning in
+                             (triton_gn.FORWARD, triton_gn.BACKWARD))
+        assert forward.group_pack == backward.group_pack == 4, (forward, backward)
+        y, mean, rstd = triton_gn.group_norm_silu_forward(x3, weight, bias, 4, 1e-5, plan=forward)
+        triton_gn.group_norm_silu_backward(torch.ones_like(y), x3, weight, bias, mean, rstd, 4, plan=backward)
+
+    yield "group_norm_silu split channels_last packed tiles", packed
 
 
 def main(argv=None) -> int:

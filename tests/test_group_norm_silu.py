@@ -807,6 +807,33 @@ def test_triton_plan_tiles_and_chunks_cover_each_group_once(tgn, gen, draw):
             assert plan.regime == "split" or plan.chunks == 1
 
 
+# Packed tiles (split, channels-last, C/G not a multiple of 8): GPT = 8 / gcd(C/G, 8) whole groups per tile.
+# (N, C, S), groups, affine, the pack expected in channels-last; odd S everywhere. NCHW runs the same problems
+# unpacked.
+PACKED_CASES = {
+    "cpg1": ((1, 8, 7), 8, "both", 8),
+    "cpg3": ((1, 48, 9), 16, "weight", 8),
+    "cpg4": ((1, 16, 33), 4, "bias", 2),
+    "cpg10": ((2, 40, 37), 4, "both", 4),
+    "cpg20": ((1, 80, 19), 4, "none", 2),
+    "cpg10_g2_unpacked": ((2, 20, 11), 2, "both", 1),   # the pack (4) does not divide G: one group per tile
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_triton_packed_tiles(tgn, randn, case, dtype, layout):
+    """The split regime's packed tiles, forward and backward, against the reference and float64 autograd, run
+    twice (bitwise equal)."""
+    shape, groups, affine, pack = PACKED_CASES[case]
+    x, dy, weight, bias = make_inputs(randn, shape, dtype, layout=layout, affine=affine, params=torch.float32,
+                                      scale=1.5, shift=-0.3)
+    plans = triton_plans(as_3d(x), groups, "split")
+    assert all(plan.group_pack == (pack if layout == "channels_last" else 1) for plan in plans), plans
+    check_regime("triton", "split", x, dy, groups, weight, bias, rerun=True)
+
+
 def test_triton_plan_must_be_for_the_call(tgn, randn):
     """A plan made for another shape, group count or layout is refused, not run."""
     x = randn(2, 8, 15)

@@ -11,6 +11,11 @@ Layouts
     strided by C and the tile's channel axis is. Loads coalesce along whichever axis is contiguous; nothing
     is ever copied to the other layout. Outputs take ``x``'s strides (``torch.empty_like``).
 
+    Packed tiles (the split regime in channels-last when C/G is not a multiple of 8, ``Plan.group_pack``): a
+    tile's channel axis spans GPT adjacent whole groups (GPT * C/G channels, a multiple of 8), one program per
+    GPT groups and chunk, so that every lane reads 16 contiguous bytes; per-group sums are one-hot contractions
+    of the per-channel column sums after the loop (``_device``, "Packed tiles").
+
     C/G is a compile-time constant of every kernel (a model uses a handful of values, so few compiles): the
     compiler then knows how a channels-last group is aligned, issues 16-byte accesses when C/G is a
     multiple of 8 halves or 4 floats (SD's C/G of 10 allows 4 bytes: its groups are 20-byte runs), and
@@ -146,13 +151,13 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
     # The constexprs go positionally (``positional_tail``): a launch builds no keyword dictionary of them.
     meta = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, CHANNELS_LAST=plan.channels_last,
                 OFFSETS_64=plan.offsets_64, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks))
+                SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks), GPT=plan.group_pack)
     options = dict(num_warps=plan.num_warps, **LAUNCH_OPTIONS)
     if plan.regime == "split":
         chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
                       plan.s_tiles_per_chunk)
         partials_shape = (3, groups, plan.chunks)
-        grid = (groups, plan.chunks)
+        grid = (groups // plan.group_pack, plan.chunks)
         moments = fwd_chunk_moments_kernel[grid]
         apply = fwd_chunk_apply_kernel[grid]
         moments_tail = positional_tail(fwd_chunk_moments_kernel, "BLOCK_S", meta)
@@ -215,11 +220,11 @@ def group_norm_silu_backward(
         if plan.regime == "split":
             chunk_args = (plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk, plan.s_tiles_per_chunk)
             sums = torch.empty((2, groups, plan.chunks), device=x.device, dtype=torch.float32)
-            grid = (groups, plan.chunks)
+            grid = (groups // plan.group_pack, plan.chunks)
             bwd_chunk_sums_kernel[grid](grad_out, x, w, b, mean, rstd, sums, partials, c, s, cpg, num_groups,
-                                        *chunk_args, **layout, **affine)
+                                        *chunk_args, GPT=plan.group_pack, **layout, **affine)
             bwd_chunk_dx_kernel[grid](grad_out, x, w, b, mean, rstd, sums, dx, c, s, cpg, num_groups, *chunk_args,
-                                      BLOCK_K=next_pow2(plan.chunks), **layout, **affine)
+                                      BLOCK_K=next_pow2(plan.chunks), GPT=plan.group_pack, **layout, **affine)
         else:
             bwd_group_kernel[(groups,)](grad_out, x, w, b, mean, rstd, dx, partials, c, s, cpg, num_groups,
                                         plan.c_tiles, plan.s_tiles, SINGLE_TILE=plan.regime == "single", **layout,

@@ -1,5 +1,6 @@
 """The backward kernels of GroupNorm + SiLU: one program per group (regimes single and looped), or two kernels
-over the chunks of each group (regime split); then the dweight/dbias row sum."""
+over the chunks of each group (regime split; in channels-last with C/G not a multiple of 8, over the chunks of
+packs of GPT groups: ``_device``, "Packed tiles"); then the dweight/dbias row sum."""
 
 from __future__ import annotations
 
@@ -62,59 +63,88 @@ def bwd_group_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, pa
 def bwd_chunk_sums_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sums_ptr, part_ptr, C, S,
                           CPG: tl.constexpr, G, c_tiles, s_tiles, s_chunks, c_tiles_per_chunk, s_tiles_per_chunk,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                          OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Split regime, kernel A. Grid (N*G, K). Writes sum(dxhat), sum(dxhat * xhat) of chunk k of group ng to
+                          OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          GPT: tl.constexpr):
+    """Split regime, kernel A. Grid (N*G / GPT, K). Writes sum(dxhat), sum(dxhat * xhat) of chunk k of group ng to
     sums[0|1, ng, k] (fp32 [2, N*G, K]) and its per-channel dweight/dbias partials to row
-    n * s_chunks + s_chunk of part (fp32 [P, N * s_chunks, C])."""
-    group = tl.program_id(0)
+    n * s_chunks + s_chunk of part (fp32 [P, N * s_chunks, C]). GPT > 1 (packed tiles, channels-last): program p
+    covers groups p * GPT .. p * GPT + GPT - 1."""
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    n = group // G
-    channel0 = (group % G) * CPG
-    base = dev.group_offset(group, G, C, S, CPG, CHANNELS_LAST)
-    mean = tl.load(mean_ptr + group)
-    rstd = tl.load(rstd_ptr + group)
+    packs = G // GPT
+    pack = tl.program_id(0)
+    n = pack // packs
     c_begin, c_end, s_begin, s_end = dev.chunk_bounds(chunk, s_chunks, c_tiles, s_tiles, c_tiles_per_chunk,
                                                       s_tiles_per_chunk)
-    rows = (tl.num_programs(0) // G) * s_chunks
+    rows = (tl.num_programs(0) // packs) * s_chunks
     dw_row = part_ptr + (n * s_chunks + chunk % s_chunks).to(tl.int64) * C
     if HAS_WEIGHT:
         db_row = dw_row + rows.to(tl.int64) * C
     else:
         db_row = dw_row
-    sum_dxhat, sum_dxhat_xhat = dev.chunk_grad_sums(x_ptr + base, dy_ptr + base, w_ptr, b_ptr, dw_row, db_row,
-                                                    channel0, mean, rstd, c_begin, c_end, s_begin, s_end, C, S, CPG,
-                                                    BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64, HAS_WEIGHT, HAS_BIAS)
-    plane = tl.num_programs(0) * chunks
-    slot = group * chunks + chunk
-    tl.store(sums_ptr + slot, sum_dxhat)
-    tl.store(sums_ptr + plane + slot, sum_dxhat_xhat)
+    plane = tl.num_programs(0) * GPT * chunks
+    if GPT == 1:
+        group = pack
+        channel0 = (group % G) * CPG
+        base = dev.group_offset(group, G, C, S, CPG, CHANNELS_LAST)
+        mean = tl.load(mean_ptr + group)
+        rstd = tl.load(rstd_ptr + group)
+        sum_dxhat, sum_dxhat_xhat = dev.chunk_grad_sums(x_ptr + base, dy_ptr + base, w_ptr, b_ptr, dw_row, db_row,
+                                                        channel0, mean, rstd, c_begin, c_end, s_begin, s_end, C, S,
+                                                        CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST, OFFSETS_64, HAS_WEIGHT,
+                                                        HAS_BIAS)
+        slot = group * chunks + chunk
+        tl.store(sums_ptr + slot, sum_dxhat)
+        tl.store(sums_ptr + plane + slot, sum_dxhat_xhat)
+    else:
+        channel0 = (pack % packs) * (CPG * GPT)
+        base = dev.group_offset(pack, packs, C, S, CPG * GPT, CHANNELS_LAST)
+        sum_dxhat, sum_dxhat_xhat = dev.packed_grad_sums(x_ptr + base, dy_ptr + base, w_ptr, b_ptr, mean_ptr,
+                                                         rstd_ptr, dw_row, db_row, pack * GPT, channel0, s_begin,
+                                                         s_end, C, S, CPG, GPT, BLOCK_S, BLOCK_C, OFFSETS_64,
+                                                         HAS_WEIGHT, HAS_BIAS)
+        slots = (pack * GPT + tl.arange(0, GPT)) * chunks + chunk
+        tl.store(sums_ptr + slots, sum_dxhat)
+        tl.store(sums_ptr + plane + slots, sum_dxhat_xhat)
 
 
 @triton.jit
 def bwd_chunk_dx_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sums_ptr, dx_ptr, C, S, CPG: tl.constexpr, G,
                         c_tiles, s_tiles, s_chunks, c_tiles_per_chunk, s_tiles_per_chunk, BLOCK_K: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                        OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Split regime, kernel B. Grid (N*G, K). Adds up the group's K chunk sums in a fixed order and writes dx
-    over its own chunk."""
-    group = tl.program_id(0)
+                        OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GPT: tl.constexpr):
+    """Split regime, kernel B. Grid (N*G / GPT, K). Adds up the group's K chunk sums in a fixed order and writes dx
+    over its own chunk (GPT > 1: for the GPT groups of a packed tile at once)."""
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
-    plane = tl.num_programs(0) * chunks
+    plane = tl.num_programs(0) * GPT * chunks
     k = tl.arange(0, BLOCK_K)
-    slots = group * chunks + k
     inv_count = 1.0 / dev.group_count(CPG, S)
-    mean_dxhat = tl.sum(tl.load(sums_ptr + slots, mask=k < chunks, other=0.0)) * inv_count
-    mean_dxhat_xhat = tl.sum(tl.load(sums_ptr + plane + slots, mask=k < chunks, other=0.0)) * inv_count
-    mean = tl.load(mean_ptr + group)
-    rstd = tl.load(rstd_ptr + group)
-    base = dev.group_offset(group, G, C, S, CPG, CHANNELS_LAST)
     c_begin, c_end, s_begin, s_end = dev.chunk_bounds(chunk, s_chunks, c_tiles, s_tiles, c_tiles_per_chunk,
                                                       s_tiles_per_chunk)
-    dev.chunk_dx(x_ptr + base, dy_ptr + base, dx_ptr + base, w_ptr, b_ptr, (group % G) * CPG, mean, rstd, mean_dxhat,
-                 mean_dxhat_xhat, c_begin, c_end, s_begin, s_end, C, S, CPG, BLOCK_S, BLOCK_C, CHANNELS_LAST,
-                 OFFSETS_64, HAS_WEIGHT, HAS_BIAS)
+    if GPT == 1:
+        group = tl.program_id(0)
+        slots = group * chunks + k
+        mean_dxhat = tl.sum(tl.load(sums_ptr + slots, mask=k < chunks, other=0.0)) * inv_count
+        mean_dxhat_xhat = tl.sum(tl.load(sums_ptr + plane + slots, mask=k < chunks, other=0.0)) * inv_count
+        mean = tl.load(mean_ptr + group)
+        rstd = tl.load(rstd_ptr + group)
+        base = dev.group_offset(group, G, C, S, CPG, CHANNELS_LAST)
+        dev.chunk_dx(x_ptr + base, dy_ptr + base, dx_ptr + base, w_ptr, b_ptr, (group % G) * CPG, mean, rstd,
+                     mean_dxhat, mean_dxhat_xhat, c_begin, c_end, s_begin, s_end, C, S, CPG, BLOCK_S, BLOCK_C,
+                     CHANNELS_LAST, OFFSETS_64, HAS_WEIGHT, HAS_BIAS)
+    else:
+        pack = tl.program_id(0)
+        packs = G // GPT
+        slots = (pack * GPT + tl.arange(0, GPT))[:, None] * chunks + k[None, :]
+        valid = tl.broadcast_to((k < chunks)[None, :], [GPT, BLOCK_K])
+        mean_dxhat = tl.sum(tl.load(sums_ptr + slots, mask=valid, other=0.0), axis=1) * inv_count
+        mean_dxhat_xhat = tl.sum(tl.load(sums_ptr + plane + slots, mask=valid, other=0.0), axis=1) * inv_count
+        base = dev.group_offset(pack, packs, C, S, CPG * GPT, CHANNELS_LAST)
+        dev.packed_dx(x_ptr + base, dy_ptr + base, dx_ptr + base, w_ptr, b_ptr, mean_ptr, rstd_ptr, pack * GPT,
+                      (pack % packs) * (CPG * GPT), mean_dxhat, mean_dxhat_xhat, s_begin, s_end, C, S, CPG, GPT,
+                      BLOCK_S, BLOCK_C, OFFSETS_64, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit

@@ -227,3 +227,151 @@ def chunk_bounds(chunk, s_chunks, c_tiles, s_tiles, c_tiles_per_chunk, s_tiles_p
     c_end = tl.minimum(c_begin + c_tiles_per_chunk, c_tiles)
     s_end = tl.minimum(s_begin + s_tiles_per_chunk, s_tiles)
     return c_begin, c_end, s_begin, s_end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed tiles (split regime, channels-last, C/G not a multiple of 8): a tile's channel axis holds GPT whole groups
+# (GPT * CPG channels, a multiple of 8, padded to BLOCK_C), so that each lane reads 16 contiguous bytes. Every lane
+# keeps one channel for the whole loop; the per-group reductions are one-hot contractions of per-channel column
+# sums, done once after the loop.
+
+
+@triton.jit
+def pack_onehot(c_idx, CPG: tl.constexpr, GPT: tl.constexpr):
+    """[BLOCK_C, GPT]: whether channel ``c_idx`` of a packed tile belongs to the tile's group j. GPT is a power of
+    two (the planner's), so channels past the tile's GPT groups (c // CPG >= GPT) belong to none."""
+    return (c_idx // CPG)[:, None] == tl.arange(0, GPT)[None, :]
+
+
+@triton.jit
+def per_group(column, onehot):
+    """Sums [GPT] over each group's channels of a per-channel [BLOCK_C] vector."""
+    return tl.sum(tl.where(onehot, column[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def per_channel(values, onehot):
+    """The per-group [GPT] ``values`` spread over the tile's channels [BLOCK_C] (exact: one term each; 0 on the
+    padding channels)."""
+    return tl.sum(tl.where(onehot, values[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def chunk_rows(s_begin, s_end, S, BLOCK_S: tl.constexpr):
+    """The in-bounds pixels of pixel tiles [s_begin, s_end), as fp32 (computed in 64 bits)."""
+    rows = tl.minimum(S, s_end.to(tl.int64) * BLOCK_S) - s_begin.to(tl.int64) * BLOCK_S
+    return rows.to(tl.float32)
+
+
+@triton.jit
+def packed_chunk_moments(x_pack, s_begin, s_end, C, S, CPG: tl.constexpr, GPT: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_C: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """(count, mean [GPT], M2 [GPT]) in fp32 of the GPT groups of a packed tile over pixel tiles [s_begin, s_end).
+
+    Per-channel shifted sums: each lane accumulates d = x - K_c and d^2 (K_c: channel c's mean over the first
+    tile), the columns are summed once after the loop into each channel's mean and M2, and the channels of a group
+    are merged with Chan's formula (equal counts). Masked lanes count d = 0."""
+    offsets, mask, c_idx = tile(0, s_begin, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
+    first = tl.load(x_pack + offsets, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(first, axis=0) / chunk_rows(s_begin, s_begin + 1, S, BLOCK_S)
+    sum_d = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    sum_d2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s_tile in range(s_begin, s_end):
+        offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
+        x = tl.load(x_pack + offsets, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - shift[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    rows = chunk_rows(s_begin, s_end, S, BLOCK_S)
+    col_d = tl.sum(sum_d, axis=0)
+    col_mean = shift + col_d / rows
+    col_m2 = tl.maximum(tl.sum(sum_d2, axis=0) - col_d * (col_d / rows), 0.0)
+    onehot = pack_onehot(c_idx, CPG, GPT)
+    mean = per_group(col_mean, onehot) / CPG
+    spread = col_mean[:, None] - mean[None, :]
+    m2 = tl.sum(tl.where(onehot, col_m2[:, None] + rows * (spread * spread), 0.0), axis=0)
+    return rows * CPG, mean, m2
+
+
+@triton.jit
+def packed_normalize_silu(x_pack, y_pack, w_ptr, b_ptr, channel0, mean, rstd, s_begin, s_end, C, S,
+                          CPG: tl.constexpr, GPT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                          OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = silu((x - mean) * rstd * w + b) over pixel tiles [s_begin, s_end) of a packed tile; mean, rstd [GPT]."""
+    c_idx = tl.arange(0, BLOCK_C)
+    onehot = pack_onehot(c_idx, CPG, GPT)
+    mean_c = per_channel(mean, onehot)[None, :]
+    rstd_c = per_channel(rstd, onehot)[None, :]
+    w, b = load_affine(w_ptr, b_ptr, channel0, c_idx, CPG * GPT, HAS_WEIGHT, HAS_BIAS)
+    for s_tile in range(s_begin, s_end):
+        offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
+        x = tl.load(x_pack + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x, mean_c)  # masked lanes: xhat = 0 (see chunk_normalize_silu)
+        z = affine((x - mean_c) * rstd_c, w, b, HAS_WEIGHT, HAS_BIAS)
+        tl.store(y_pack + offsets, (z * tl.sigmoid(z)).to(y_pack.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def packed_stats(mean_ptr, rstd_ptr, group0, c_idx, CPG: tl.constexpr, GPT: tl.constexpr):
+    """mean and rstd of each channel's group, [1, BLOCK_C] (0 on the padding channels)."""
+    in_pack = c_idx < CPG * GPT
+    mean = tl.load(mean_ptr + group0 + c_idx // CPG, mask=in_pack, other=0.0)
+    rstd = tl.load(rstd_ptr + group0 + c_idx // CPG, mask=in_pack, other=0.0)
+    return mean[None, :], rstd[None, :]
+
+
+@triton.jit
+def packed_grad_sums(x_pack, dy_pack, w_ptr, b_ptr, mean_ptr, rstd_ptr, dw_row, db_row, group0, channel0, s_begin,
+                     s_end, C, S, CPG: tl.constexpr, GPT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                     OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """sum(dxhat) and sum(dxhat * xhat) [GPT] of the groups of a packed tile over pixel tiles [s_begin, s_end)
+    (groups group0 .. group0 + GPT - 1); stores the per-channel sums of dz * xhat and dz at ``dw_row`` /
+    ``db_row``, as ``chunk_grad_sums``. Two per-lane accumulators over the whole loop, sum(dz) and sum(dz * xhat),
+    reduced once after it: a channel's sums of dxhat = dz * w and dxhat * xhat are w times its sums of dz and
+    dz * xhat (w is constant along a column), so they come from the same columns."""
+    c_idx = tl.arange(0, BLOCK_C)
+    mean, rstd = packed_stats(mean_ptr, rstd_ptr, group0, c_idx, CPG, GPT)
+    w, b = load_affine(w_ptr, b_ptr, channel0, c_idx, CPG * GPT, HAS_WEIGHT, HAS_BIAS)
+    acc_dz = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    acc_dz_xhat = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s_tile in range(s_begin, s_end):
+        offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
+        x = tl.where(mask, tl.load(x_pack + offsets, mask=mask, other=0.0).to(tl.float32), mean)
+        dy = tl.load(dy_pack + offsets, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz, _ = tile_grads(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS)
+        acc_dz += dz
+        acc_dz_xhat += dz * xhat
+    col_dz = tl.sum(acc_dz, axis=0)
+    col_dz_xhat = tl.sum(acc_dz_xhat, axis=0)
+    in_pack = c_idx < CPG * GPT
+    if HAS_WEIGHT:
+        tl.store(dw_row + channel0 + c_idx, col_dz_xhat, mask=in_pack)
+        col_dxhat = col_dz * w
+        col_dxhat_xhat = col_dz_xhat * w
+    else:
+        col_dxhat = col_dz
+        col_dxhat_xhat = col_dz_xhat
+    if HAS_BIAS:
+        tl.store(db_row + channel0 + c_idx, col_dz, mask=in_pack)
+    onehot = pack_onehot(c_idx, CPG, GPT)
+    return per_group(col_dxhat, onehot), per_group(col_dxhat_xhat, onehot)
+
+
+@triton.jit
+def packed_dx(x_pack, dy_pack, dx_pack, w_ptr, b_ptr, mean_ptr, rstd_ptr, group0, channel0, mean_dxhat,
+              mean_dxhat_xhat, s_begin, s_end, C, S, CPG: tl.constexpr, GPT: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_C: tl.constexpr, OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dx over pixel tiles [s_begin, s_end) of a packed tile, as ``chunk_dx``; mean_dxhat, mean_dxhat_xhat [GPT]."""
+    c_idx = tl.arange(0, BLOCK_C)
+    mean, rstd = packed_stats(mean_ptr, rstd_ptr, group0, c_idx, CPG, GPT)
+    onehot = pack_onehot(c_idx, CPG, GPT)
+    m_dxhat = per_channel(mean_dxhat, onehot)[None, :]
+    m_dxhat_xhat = per_channel(mean_dxhat_xhat, onehot)[None, :]
+    w, b = load_affine(w_ptr, b_ptr, channel0, c_idx, CPG * GPT, HAS_WEIGHT, HAS_BIAS)
+    for s_tile in range(s_begin, s_end):
+        offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
+        x = tl.where(mask, tl.load(x_pack + offsets, mask=mask, other=0.0).to(tl.float32), mean)
+        dy = tl.load(dy_pack + offsets, mask=mask, other=0.0).to(tl.float32)
+        xhat, dz, dxhat = tile_grads(x, dy, mask, mean, rstd, w, b, HAS_WEIGHT, HAS_BIAS)
+        dx = rstd * (dxhat - m_dxhat - xhat * m_dxhat_xhat)
+        tl.store(dx_pack + offsets, dx.to(dx_pack.dtype.element_ty), mask=mask)

@@ -22,6 +22,7 @@ Regimes
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -52,7 +53,9 @@ REGIMES = ("single", "looped", "split")
 class Plan(NamedTuple):
     """How one call on an ``(N, C, S)`` input of ``num_groups`` groups runs. Tiles are ``[block_s, block_c]``; a
     group has ``c_tiles x s_tiles`` of them, cut into ``c_chunks x s_chunks`` chunks of
-    ``c_tiles_per_chunk x s_tiles_per_chunk`` tiles (1 x 1 chunk unless split)."""
+    ``c_tiles_per_chunk x s_tiles_per_chunk`` tiles (1 x 1 chunk unless split). ``group_pack`` > 1 (split,
+    channels-last): a tile's channel axis holds that many whole, adjacent groups (``block_c`` >= group_pack * C/G,
+    ``c_tiles`` 1) and one program serves them all (see ``_pack``)."""
 
     shape: Tuple[int, int, int]
     num_groups: int
@@ -68,6 +71,7 @@ class Plan(NamedTuple):
     s_tiles_per_chunk: int
     offsets_64: bool
     num_warps: int
+    group_pack: int = 1
 
     @property
     def chunks(self) -> int:
@@ -83,9 +87,15 @@ def next_pow2(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
-def _num_warps(tile_elems: int) -> int:
+def _num_warps(tile_elems: int, values_per_thread: int = 8) -> int:
     # About 8-32 fp32 values per thread: 16-byte vector accesses for half types, bounded register use.
-    return max(4, min(16, tile_elems // 256))
+    return max(4, min(16, tile_elems // (32 * values_per_thread)))
+
+
+# Packed tiles and chunks are sized in bytes of x (the tuning's elements are halves': 8 KB forward, 4 KB backward),
+# and each lane holds two 16-byte vectors per tensor (16 halves or 8 floats): a packed lane also holds its
+# channel's statistics and parameters (scalars in a one-group tile), which the second vector shares.
+PACKED_LANE_BYTES = 32
 
 
 def _loop_tile(channels_per_group: int, spatial: int, channels_last: bool, tile_elems: int) -> Tuple[int, int]:
@@ -97,6 +107,22 @@ def _loop_tile(channels_per_group: int, spatial: int, channels_last: bool, tile_
         block_s = min(next_pow2(spatial), tile_elems)
         block_c = min(next_pow2(channels_per_group), max(1, tile_elems // block_s))
     return block_s, block_c
+
+
+# The widest packed tile's channel axis (a pack of groups must leave room for a few pixel rows per tile).
+MAX_PACK_CHANNELS = 512
+
+
+def _pack(channels_per_group: int, num_groups: int) -> int:
+    """How many adjacent groups a channels-last split tile holds: the fewest whose channels are a multiple of 8
+    (16 bytes of halves, 32 of floats), so that every pixel's run of them is 16-byte aligned and each lane can read
+    16 contiguous bytes (one group of C/G = 10 halves is a 20-byte run: 4-byte accesses). A power of two
+    (8 / gcd(C/G, 8)); 1 when C/G is a multiple of 8 already, when it does not divide G (then C is not a multiple
+    of 8 either and no pixel row is 16-byte aligned), or when the pack would be wider than MAX_PACK_CHANNELS."""
+    pack = 8 // math.gcd(channels_per_group, 8)
+    if num_groups % pack or next_pow2(pack * channels_per_group) > MAX_PACK_CHANNELS:
+        return 1
+    return pack
 
 
 def _split_counts(want: int, c_tiles: int, s_tiles: int, channels_last: bool) -> Tuple[int, int, int, int]:
@@ -119,7 +145,7 @@ def _split_counts(want: int, c_tiles: int, s_tiles: int, channels_last: bool) ->
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every call's path
 def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool, sm_count: int, tuning: Tuning, *,
               regime: Optional[str] = None, chunks: Optional[int] = None, loop_tile_elems: Optional[int] = None,
-              offsets_64: Optional[bool] = None) -> Plan:
+              offsets_64: Optional[bool] = None, itemsize: int = 2) -> Plan:
     """The plan for an ``(N, C, S)`` input. The keywords, where given, replace the heuristic's decisions (so
     that small test shapes reach every code path):
 
@@ -128,6 +154,8 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
       ``THREADS_PER_SM`` threads of programs), into enough chunks per group for those waves (each at least
       ``min_chunk_elems``), so that every SM has its fill of loads in flight;
     - else looped.
+
+    ``itemsize`` (x's element size) sizes packed tiles (see ``PACKED_LANE_BYTES``).
     """
     if regime is not None and regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
@@ -137,31 +165,47 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
     whole_s, whole_c = next_pow2(spatial), next_pow2(cpg)
     if regime is None:
         regime = "single" if whole_s * whole_c <= tuning.single_read_elems else "auto"
+    tile_elems = loop_tile_elems or tuning.loop_tile_elems
+    pack = 1
     if regime == "single":
         block_s, block_c = whole_s, whole_c
     else:
-        block_s, block_c = _loop_tile(cpg, spatial, channels_last, loop_tile_elems or tuning.loop_tile_elems)
+        if channels_last and regime in ("auto", "split"):
+            pack = _pack(cpg, num_groups)
+        if pack > 1:
+            # A packed tile: its channel axis spans ``pack`` whole groups.
+            tile_elems = max(1, tile_elems * 2 // itemsize)
+            block_c = next_pow2(pack * cpg)
+            block_s = min(next_pow2(spatial), max(1, tile_elems // block_c))
+        else:
+            block_s, block_c = _loop_tile(cpg, spatial, channels_last, tile_elems)
     c_tiles, s_tiles = cdiv(cpg, block_c), cdiv(spatial, block_s)
+    num_warps = _num_warps(block_s * block_c, PACKED_LANE_BYTES // itemsize if pack > 1 else 8)
     c_chunks = s_chunks = 1
     c_per, s_per = c_tiles, s_tiles
     if regime in ("auto", "split"):
+        programs = groups // pack
         if chunks is None:
-            programs_per_sm = max(1, THREADS_PER_SM // (32 * _num_warps(block_s * block_c)))
+            programs_per_sm = max(1, THREADS_PER_SM // (32 * num_warps))
             target = tuning.waves * sm_count * programs_per_sm
-            want = cdiv(target, groups) if groups < target else 1
-            want = min(want, max(1, cpg * spatial // tuning.min_chunk_elems))
+            want = cdiv(target, programs) if programs < target else 1
+            min_chunk = tuning.min_chunk_elems * 2 // itemsize if pack > 1 else tuning.min_chunk_elems
+            want = min(want, max(1, pack * cpg * spatial // min_chunk))
         else:
             want = chunks
         c_chunks, s_chunks, c_per, s_per = _split_counts(want, c_tiles, s_tiles, channels_last)
         # A forced split stays split even with one chunk (a one-tile group): the caller means it.
         if regime == "auto":
             regime = "split" if c_chunks * s_chunks > 1 else "looped"
+            if regime == "looped" and pack > 1:  # the looped kernels take one group per program
+                return make_plan(shape, num_groups, channels_last, sm_count, tuning, regime="looped",
+                                 loop_tile_elems=loop_tile_elems, offsets_64=offsets_64, itemsize=itemsize)
     if offsets_64 is None:
         offsets_64 = channels * spatial >= 2**31
     return Plan(shape=(batch, channels, spatial), num_groups=num_groups, regime=regime, channels_last=channels_last,
                 block_s=block_s, block_c=block_c, c_tiles=c_tiles, s_tiles=s_tiles, c_chunks=c_chunks,
                 s_chunks=s_chunks, c_tiles_per_chunk=c_per, s_tiles_per_chunk=s_per, offsets_64=offsets_64,
-                num_warps=_num_warps(block_s * block_c))
+                num_warps=num_warps, group_pack=pack)
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,4 +247,5 @@ def plan_for(x: torch.Tensor, num_groups: int, tuning: Tuning, *, sm_count: Opti
     if sm_count is None:
         sm_count = device_sm_count(x.device)
     n, c, s = x.shape
-    return make_plan((n, c, s), num_groups, bool(layout_of(x)), sm_count, tuning, **forced)
+    return make_plan((n, c, s), num_groups, bool(layout_of(x)), sm_count, tuning, itemsize=x.element_size(),
+                     **forced)
