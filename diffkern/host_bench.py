@@ -326,11 +326,78 @@ def _measure_groups(cases: Dict[str, Dict[str, Callable]], synchronize: bool) ->
             for (group, name, _), times in zip(entries, rounds)]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Triton's own launch path, which the seam leaves out.
+
+LAUNCH_PATH_GROUP = "triton launch path (compile-only driver, no driver launch)"
+LAUNCH_PATH_OPS = ("ddim_step", "ddpm_step", "add_noise", "group_norm_silu", "flow_match_step", "flow_add_noise")
+LAUNCH_PATH_ARCH = 90
+
+
+def measure_triton_launch_path() -> List[HostResult]:
+    """What the seam leaves out on the triton backend, as far as a CPU can run it: the host work of the launch
+    itself. With Triton's driver replaced by a compile-only one for sm_90 and every launch turned into a compile
+    that returns (``diffkern.triton._compile_only.launches_recorded``), each op's tiny-tensor call (``_host_cases``)
+    runs twice: the first call launches through ``JITFunction.run`` (which compiles) and the second through the
+    compiled kernel's runner (``DirectLauncher``), a no-op here. Measured per op:
+
+    - ``Triton JITFunction.run [op]``: Triton's own per-call launch path on a warm cache (argument binding,
+      specialisation, the compiled-kernel lookup), what ``kernel[grid](...)`` costs before the driver is called;
+    - ``diffkern op [triton], direct launch``: the whole public call as it runs once its specialisation has
+      launched: checks from the plan, outputs, the launcher's specialisation key, the runner call (``through
+      Triton`` instead for a launch that has no ``DirectLauncher``: ``JITFunction.run`` every call).
+
+    Neither includes the body of Triton's runner (the stream lookup, the compiled launcher, ``cuLaunchKernel``),
+    which only a GPU runs. Empty under the interpreter (``TRITON_INTERPRET=1``), which has no compiled path."""
+    import collections
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    from triton.runtime.jit import JITFunction
+
+    from diffkern.triton import _compile_only
+
+    cases = _host_cases()
+    calls = {op: cases[op][f"diffkern {op} [triton]"] for op in LAUNCH_PATH_OPS}
+    jit_launches: Dict[str, list] = {}
+    paths: Dict[str, str] = {}  # how each op's second call launched (a launch without a DirectLauncher: Triton)
+    log: list = []
+    with _compile_only.compile_only(LAUNCH_PATH_ARCH):
+        backends.clear_cache()  # (drops the plans bound under the seam, and their launchers)
+        backends._status_cache[("triton", "cpu")] = backends.BackendStatus(True, "compile-only (host bench)")
+        try:
+            with _compile_only.launches_recorded(log):
+                for op, call in calls.items():
+                    del log[:]
+                    call()
+                    call()
+                    jit_launches[op] = [entry for entry in log if entry[0] == "triton"][:len(log) // 2]
+                    paths[op] = "direct launch" if log[-1][0] == "direct" else "through Triton"
+
+            def jit_runs(launches, run=JITFunction.run):
+                def runs():
+                    for _, kernel, _, args, kwargs in launches:
+                        run(kernel, *args, grid=(1,), warmup=True, **kwargs)
+                return runs
+            entries = {f"Triton JITFunction.run [{op}]": jit_runs(jit_launches[op]) for op in LAUNCH_PATH_OPS}
+            results = _measure_groups({LAUNCH_PATH_GROUP: entries}, synchronize=False)
+            # (The recording runner keeps only the last launch: the timed calls' outputs are freed.)
+            with _compile_only.launches_recorded(collections.deque(maxlen=1)):
+                direct = {f"diffkern {op} [triton], {paths[op]}": call for op, call in calls.items()}
+                results += _measure_groups({LAUNCH_PATH_GROUP: direct}, synchronize=False)
+            return results
+        finally:
+            backends.clear_cache()
+
+
 def measure_host(*, working_sizes: bool = True) -> List[HostResult]:
-    """The CPU part: host cost per call (fast backends through :func:`device_work_skipped`) and the reference."""
+    """The CPU part: host cost per call (fast backends through :func:`device_work_skipped`), Triton's own launch
+    path (:func:`measure_triton_launch_path`) and the reference."""
     results = []
     with device_work_skipped():
         results += _measure_groups(_host_cases(), synchronize=False)
+    results += measure_triton_launch_path()
     if working_sizes:
         for r in _measure_groups(_working_size_cases(), synchronize=False):
             results.append(dataclasses.replace(r, group=r.group + " (working size)"))
@@ -373,6 +440,13 @@ def target_checks(results: List[HostResult]) -> List[Tuple[str, float, float, bo
                 if base is not None:
                     ratio = _ratio(ours, base)
                     checks.append((f"{name} host / {what}", ratio, target, ratio <= target))
+    launch_path = table.get(LAUNCH_PATH_GROUP, {})
+    for group in LAUNCH_PATH_OPS:
+        name = next((n for n in launch_path if n.startswith(f"diffkern {group} [triton], ")), None)
+        ours = launch_path.get(name)
+        if add is not None and ours is not None:  # (measured in other rounds than torch.add: medians)
+            ratio = ours.median_us / add.median_us
+            checks.append((f"{name} (no runner body) / torch.add", ratio, TARGET_VS_ADD, ratio <= TARGET_VS_ADD))
     for suffix in ("", " (working size)"):
         for group, baseline, target in (("ddim_step", "diffusers DDIMScheduler.step", TARGET_REFERENCE_STEP),
                                         ("ddpm_step", "diffusers DDPMScheduler.step", TARGET_REFERENCE_STEP),

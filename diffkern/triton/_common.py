@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from diffkern.ops import _common as C
 from diffkern.ops._declaration import PREDICTION_CODES
+from diffkern.triton import _compile_only
 
 # Prediction-type codes (constexpr parameters of the kernels), the ones the CUDA kernels take too.
 EPSILON = tl.constexpr(PREDICTION_CODES["epsilon"])
@@ -374,7 +376,9 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     model_output_sample_stride = model_output.numel() // model_output.shape[0]
     guided = guidance_scale is not None
     cfg = launch_config(batch, n)
-    launcher = kernel[cfg.grid]
+    # (The table is float32 whatever the plan's table was: the key of a shared launcher holds the samples' dtypes.)
+    launcher = direct_launcher(kernel, cfg.grid, dict(num_warps=cfg.num_warps, **LAUNCH_OPTIONS),
+                               (model_output.dtype, sample.dtype))
     num_train = alphas_cumprod.numel()
     fixed = dict(model_output_sample_stride=model_output_sample_stride,
                  cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
@@ -384,7 +388,6 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     # HAS_NOISE follows the call's noise (a DDPM step at t = 0 has none): one argument tail for each.
     tails = {flag: positional_tail(kernel, "model_output_sample_stride", dict(fixed, HAS_NOISE=flag))
              for flag in (True, False)}
-    options = dict(num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
     blocks_per_sample = cfg.blocks_per_sample
 
     def launch(model_output, sample, noise, table, timestep, prev_timestep):
@@ -394,9 +397,98 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
         x0_out = torch.empty_like(sample)
         with device_guard(sample):
             launcher(model_output, sample, noise, None, None, prev_out, x0_out, table, 1, num_train, table, 0,
-                     timestep, table, 0, prev_timestep, n, blocks_per_sample, *tails[noise is not None], **options)
+                     timestep, table, 0, prev_timestep, n, blocks_per_sample, *tails[noise is not None])
         return prev_out, x0_out
     return launch
+
+
+class DirectLauncher:
+    """``kernel[grid](*args, **options)`` for launches that pass every parameter positionally, in the kernel's order
+    (the bound launches of ``_common.binds``), without Triton's per-call argument binding and specialisation once a
+    launch with the same specialisation has run.
+
+    Triton's ``JITFunction.run`` binds the arguments, specialises each one (its type; 16-byte alignment of pointers;
+    integer values, unless ``do_not_specialize``) and looks the compiled kernel up on every call: about a
+    microsecond per argument on the host, 10-35 µs for these kernels (``bench --host``: "triton launch path"),
+    more than the rest of a call. The first launch goes through it and returns the ``CompiledKernel``; its runner
+    (``CompiledKernel[grid]``, Triton's own: the current device's current stream, the launch hooks, the compiled
+    launcher) is kept under the launch's specialisation key (``_key``): which pointers are None and which are
+    16-byte aligned, and the value of every argument Triton specialises on. A later launch with the same key calls
+    that runner; any other goes through ``run`` again and adds its runner. tests/test_triton_direct_launch.py checks
+    against Triton itself that a direct launch runs the kernel Triton would pick.
+
+    What the key leaves out is fixed by whoever shares the launcher (``direct_launcher``): the dtypes of the
+    tensors, and the python types of float arguments (floats are never specialised; their positions, found at the
+    first call, must hold floats in every call). Under the interpreter and the host bench's seam the kernel is not
+    a ``JITFunction``, and under a compile-only driver nothing can launch: there every launch is
+    ``kernel[grid](...)``."""
+
+    __slots__ = ("_jit_launch", "_grid", "_options", "_direct", "_pointers", "_fixed", "_runners")
+
+    MAX_RUNNERS = 64  # specialisations kept per launcher (alignment of views can vary; each is one entry)
+
+    def __init__(self, kernel, grid: Tuple[int, ...], options: Dict[str, Any]):
+        self._jit_launch = kernel[grid]
+        self._grid = grid
+        self._options = options
+        # (Not under the compile-only driver of the compile sweep, the kernel report and bench --host: it compiles
+        # and never launches, so a compiled kernel's runner cannot be made there.)
+        self._direct = isinstance(kernel, triton.runtime.JITFunction) and _compile_only.driver_launches()
+        self._pointers = self._fixed = None
+        self._runners: Dict[tuple, Any] = {}
+        if self._direct:
+            self._fixed = [i for i, p in enumerate(kernel.params) if not p.do_not_specialize]
+
+    def _classify(self, args: tuple) -> None:
+        """From the first call: the positions of pointers (tensors or None) and of the other specialised arguments
+        (floats aside), each read with one ``itemgetter`` (a C call) per launch."""
+        pointers = [i for i, a in enumerate(args) if a is None or isinstance(a, torch.Tensor)]
+        fixed = [i for i in self._fixed if i not in pointers and type(args[i]) is not float]
+        self._pointers = _getter(pointers)
+        self._fixed = _getter(fixed)
+
+    def _key(self, args: tuple) -> tuple:
+        return tuple([None if a is None else a.data_ptr() & 15 == 0 for a in self._pointers(args)]), self._fixed(args)
+
+    def __call__(self, *args):
+        if not self._direct:
+            self._jit_launch(*args, **self._options)
+            return
+        if self._pointers is None:
+            self._classify(args)
+        key = self._key(args)
+        runner = self._runners.get(key)
+        if runner is not None:
+            runner(*args)
+            return
+        compiled = self._jit_launch(*args, **self._options)
+        if len(self._runners) >= self.MAX_RUNNERS:
+            self._runners.clear()
+        self._runners[key] = compiled[self._grid + (1,) * (3 - len(self._grid))]  # (the runner takes 3-D grids)
+
+
+def _getter(positions):
+    """``args -> tuple of args[i] for i in positions`` (``operator.itemgetter``, always a tuple)."""
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions) if positions else (lambda args: ())
+
+
+_direct_launchers: Dict[tuple, DirectLauncher] = {}
+
+
+def direct_launcher(kernel, grid: Tuple[int, ...], options: Dict[str, Any], dtypes: tuple) -> DirectLauncher:
+    """The ``DirectLauncher`` of ``kernel`` at ``grid`` with ``options`` for launches whose tensors have ``dtypes``
+    (in the order they are passed; the key leaves them out), one per process: the plans of one kernel, grid and
+    dtypes (a sampling loop's steps: each host timestep is a plan) share its compiled kernels' runners."""
+    key = (kernel, grid, tuple(options.items()), dtypes)
+    launcher = _direct_launchers.get(key)
+    if launcher is None:
+        if len(_direct_launchers) >= 1024:
+            _direct_launchers.clear()
+        launcher = _direct_launchers[key] = DirectLauncher(kernel, grid, options)
+    return launcher
 
 
 def positional_tail(kernel, first: str, values: Dict[str, Any]) -> tuple:

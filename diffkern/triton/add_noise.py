@@ -40,18 +40,18 @@ def _launch(original_samples: torch.Tensor, alphas_cumprod: torch.Tensor, timest
     batch = original_samples.shape[0]
     n = original_samples.numel() // batch
     cfg = K.launch_config(batch, n)
-    launcher = _add_noise_kernel[cfg.grid]
+    launcher = K.direct_launcher(_add_noise_kernel, cfg.grid, dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS),
+                                 (original_samples.dtype,))
     num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
     tail = K.positional_tail(_add_noise_kernel, "TIMESTEP_ON_HOST",
                              dict(TIMESTEP_ON_HOST=type(timesteps) is int, BLOCK=cfg.block))
-    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
 
     def launch(original_samples, noise, alphas_cumprod, timesteps):
         out = torch.empty_like(original_samples)
         t = K.timestep_args(timesteps, alphas_cumprod)
         with K.device_guard(original_samples):
             launcher(original_samples, noise, out, alphas_cumprod, alphas_cumprod.stride(0), num_train, t.ptr,
-                     t.stride, t.host, n, blocks_per_sample, *tail, **options)
+                     t.stride, t.host, n, blocks_per_sample, *tail)
         return out
     return launch
 

@@ -87,13 +87,13 @@ def _step_launch(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_
     guided = guidance_scale is not None
     rescaled = guided and guidance_rescale != 0
     cfg = K.launch_config(batch, n)
-    launcher = _flow_match_step_kernel[cfg.grid]
+    launcher = K.direct_launcher(_flow_match_step_kernel, cfg.grid,
+                                 dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS), (model_output.dtype, sample.dtype))
     tail = K.positional_tail(_flow_match_step_kernel, "cond_offset", dict(
         cond_offset=batch * n if guided else 0, guidance_scale=guidance_scale if guided else 0.0,
         rescale=guidance_rescale, keep=1 - guidance_rescale, SIGMA_ON_HOST=type(sigma) is float,
         SIGMA_NEXT_ON_HOST=type(sigma_next) is float, STOCHASTIC=stochastic, GUIDED=guided, RESCALE=rescaled,
         BLOCK=cfg.block))
-    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
     blocks_per_sample = cfg.blocks_per_sample
 
     def launch(model_output, sample, noise, sigma, sigma_next):
@@ -102,7 +102,7 @@ def _step_launch(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_
         factor = rescale_factor(model_output, batch, n, guidance_scale) if rescaled else None
         with K.device_guard(sample):
             launcher(model_output, sample, noise if stochastic else None, factor, prev_out, x0_out,
-                     *_sigma_args(sigma), *_sigma_args(sigma_next), n, blocks_per_sample, *tail, **options)
+                     *_sigma_args(sigma), *_sigma_args(sigma_next), n, blocks_per_sample, *tail)
         return prev_out, x0_out
     return launch
 
@@ -147,16 +147,16 @@ def _add_noise_launch(original_samples: torch.Tensor, sigma):
     batch = original_samples.shape[0]
     n = original_samples.numel() // batch
     cfg = K.launch_config(batch, n)
-    launcher = _flow_add_noise_kernel[cfg.grid]
+    launcher = K.direct_launcher(_flow_add_noise_kernel, cfg.grid, dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS),
+                                 (original_samples.dtype,))
     tail = K.positional_tail(_flow_add_noise_kernel, "SIGMA_ON_HOST",
                              dict(SIGMA_ON_HOST=type(sigma) is float, BLOCK=cfg.block))
-    options = dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS)
     blocks_per_sample = cfg.blocks_per_sample
 
     def launch(original_samples, noise, sigma):
         out = torch.empty_like(original_samples)
         with K.device_guard(original_samples):
-            launcher(original_samples, noise, out, *_sigma_args(sigma), n, blocks_per_sample, *tail, **options)
+            launcher(original_samples, noise, out, *_sigma_args(sigma), n, blocks_per_sample, *tail)
         return out
     return launch
 
