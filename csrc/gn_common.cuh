@@ -141,6 +141,40 @@ __device__ __forceinline__ float2 team_sum_pair(float a, float b, int L, float2*
   return s;
 }
 
+// Loads in flight per thread in the streaming loops of both layouts (16-byte units where vectorised).
+constexpr int kGnInflight = 4;
+
+// Calls body(u, raw) for u = first, first + step, ... < end in order, with raw = load(u) (the unit(s) as
+// loaded, of type R): the loads of up to kU consecutive calls are issued before their bodies run.
+template <int kU, typename R, typename Load, typename Body>
+__device__ __forceinline__ void unrolled_units(int64_t first, int64_t end, int step, Load load, Body body) {
+  int64_t u = first;
+  for (; u + static_cast<int64_t>(kU - 1) * step < end; u += static_cast<int64_t>(kU) * step) {
+    R raw[kU];
+#pragma unroll
+    for (int i = 0; i < kU; ++i) raw[i] = load(u + static_cast<int64_t>(i) * step);
+#pragma unroll
+    for (int i = 0; i < kU; ++i) body(u + static_cast<int64_t>(i) * step, raw[i]);
+  }
+  for (; u < end; u += step) body(u, load(u));
+}
+
+// Units of x and dy loaded together by the backward's loops: kGnInflight / 2 pairs where vectorised; scalar rows
+// one pair at a time (unrolled, ptxas kept their loop state on the stack across the division's slow-path calls).
+template <bool VEC>
+constexpr int kPairUnroll = VEC ? kGnInflight / 2 : 1;
+
+// Units of x loaded together by the NHWC forward's loops: kGnInflight where vectorised, else one (as above).
+template <bool VEC>
+constexpr int kUnitUnroll = VEC ? kGnInflight : 1;
+
+// A unit of x and the same unit of dy, as loaded.
+template <typename T, bool VEC>
+struct RawPair {
+  typename Unit<T, VEC>::Raw x;
+  typename Unit<T, VEC>::Raw dy;
+};
+
 __device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 __device__ __forceinline__ float silu_f(float z) { return z / (1.0f + expf(-z)); }
@@ -232,21 +266,37 @@ __device__ __forceinline__ void publish_group_stats(float mean, float m2, const 
   }
 }
 
-// dweight[c] = sum_r chan[r * C + c].y, dbias[c] = sum_r chan[r * C + c].x over the R partial rows, in
-// order (deterministic).
+// Channels per block of gn_bwd_params (a warp's width); each of its kGnWarps warps sums every kGnWarps-th row.
+constexpr int kGnParamChannels = 32;
+
+// dweight[c] = sum_r chan[r * C + c].y, dbias[c] = sum_r chan[r * C + c].x over the R partial rows: warp w of
+// the block sums rows w, w + kGnWarps, ... in order, then the warps' sums are added in warp order
+// (deterministic). One block per kGnParamChannels channels.
 __global__ void __launch_bounds__(kGnThreads)
     gn_bwd_params(const float2* __restrict__ chan, int64_t R, int64_t C, float* __restrict__ dweight,
                   float* __restrict__ dbias) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kGnThreads + threadIdx.x;
-  if (c >= C) return;
+  __shared__ float2 red[kGnWarps][kGnParamChannels];
+  const int tx = threadIdx.x % kGnParamChannels;
+  const int ty = threadIdx.x / kGnParamChannels;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kGnParamChannels + tx;
   float sw = 0.0f, sb = 0.0f;
-  for (int64_t r = 0; r < R; ++r) {
-    const float2 v = chan[r * C + c];
-    sb += v.x;
-    sw += v.y;
+  if (c < C) {
+    for (int64_t r = ty; r < R; r += kGnWarps) {
+      const float2 v = chan[r * C + c];
+      sb += v.x;
+      sw += v.y;
+    }
   }
-  if (dweight != nullptr) dweight[c] = sw;
-  if (dbias != nullptr) dbias[c] = sb;
+  red[ty][tx] = make_float2(sb, sw);
+  __syncthreads();
+  if (ty != 0 || c >= C) return;
+  float2 t = red[0][tx];
+  for (int w = 1; w < kGnWarps; ++w) {
+    t.x += red[w][tx].x;
+    t.y += red[w][tx].y;
+  }
+  if (dweight != nullptr) dweight[c] = t.y;
+  if (dbias != nullptr) dbias[c] = t.x;
 }
 
 }  // namespace

@@ -83,36 +83,6 @@ __device__ __forceinline__ NchwBlock nchw_block(const GnDims& d, const NchwSlice
   return b;
 }
 
-// Loads in flight per thread in the NCHW streaming loops (16-byte units where vectorised).
-constexpr int kGnInflight = 4;
-
-// Calls body(u, raw) for u = first, first + step, ... < end in order, with raw = load(u) (the unit(s) as
-// loaded, of type R): the loads of up to kU consecutive calls are issued before their bodies run.
-template <int kU, typename R, typename Load, typename Body>
-__device__ __forceinline__ void unrolled_units(int64_t first, int64_t end, int step, Load load, Body body) {
-  int64_t u = first;
-  for (; u + static_cast<int64_t>(kU - 1) * step < end; u += static_cast<int64_t>(kU) * step) {
-    R raw[kU];
-#pragma unroll
-    for (int i = 0; i < kU; ++i) raw[i] = load(u + static_cast<int64_t>(i) * step);
-#pragma unroll
-    for (int i = 0; i < kU; ++i) body(u + static_cast<int64_t>(i) * step, raw[i]);
-  }
-  for (; u < end; u += step) body(u, load(u));
-}
-
-// Units of x and dy loaded together by the backward's loops: kGnInflight / 2 pairs where vectorised; scalar rows
-// one pair at a time (unrolled, ptxas kept their loop state on the stack across the division's slow-path calls).
-template <bool VEC>
-constexpr int kPairUnroll = VEC ? kGnInflight / 2 : 1;
-
-// A unit of x and the same unit of dy, as loaded.
-template <typename T, bool VEC>
-struct RawPair {
-  typename Unit<T, VEC>::Raw x;
-  typename Unit<T, VEC>::Raw dy;
-};
-
 // Moments of the block's rows (each row's units [u0, u1)) combined into one (mean, m2), valid on the first warp.
 // `xg` is the group's first row; `keep` (nullable) receives a copy of the rows. rowstat: r1 - r0 entries of
 // scratch.

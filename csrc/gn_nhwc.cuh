@@ -1,5 +1,6 @@
 // The GroupNorm + SiLU kernels for channels-last (NHWC) inputs, split over slices of each sample's pixels,
-// forward and backward.
+// forward and backward: per-slice partials, a small kernel merging each group's K slices (one warp per group),
+// then the pass that applies them.
 // Part of group_norm_silu.cu, included there only: like the rest of it, in an anonymous namespace.
 #pragma once
 
@@ -15,7 +16,8 @@ namespace {
 // NHWC: pixel p of sample n is a contiguous row of C channels. A block covers pixels [p0, p1) of one
 // sample across all channels: TX threads span the row's units (16-byte vectors of channels, or single
 // channels), TY = 256 / TX rows are in flight at once, and rows wider than 256 units take several column
-// chunks. Each thread keeps fixed channels, so per-channel sums stay in registers.
+// chunks. Each thread keeps fixed channels, so per-channel sums stay in registers, and walks its pixels with
+// kGnInflight independent loads in flight (the backward's kGnInflight / 2 pixels of x and of dy).
 
 // What an NHWC block works on: sample n = blockIdx.x, its pixels [p0, p1) are slice k = blockIdx.y of
 // K = gridDim.y; and where its thread sits in the TX x TY tile.
@@ -31,22 +33,37 @@ struct NhwcMap {
   bool active;
 };
 
+// Slice k of K over a sample's S pixels starts at floor(S * k / K) = q * k + floor(rem * k / K) with S = q * K + rem
+// (precomputed on the host: no 64-bit division on the device), rem * k < K * K <= 65535^2 < 2^32.
+struct NhwcSlices {
+  int64_t q;
+  int rem;
+};
+
+__device__ __forceinline__ int64_t pixel_slice_begin(const NhwcSlices& sl, int k, int K) {
+  return sl.q * k + static_cast<int64_t>(static_cast<unsigned>(sl.rem) * static_cast<unsigned>(k) /
+                                         static_cast<unsigned>(K));
+}
+
 template <int W>
-__device__ __forceinline__ NhwcMap nhwc_map(const GnDims& d) {
+__device__ __forceinline__ NhwcMap nhwc_map(const GnDims& d, const NhwcSlices& sl) {
   NhwcMap m;
   m.n = blockIdx.x;
   m.k = blockIdx.y;
   m.K = gridDim.y;
-  m.p0 = slice_begin(d.S, m.k, m.K);
-  m.p1 = slice_begin(d.S, m.k + 1, m.K);
+  m.p0 = pixel_slice_begin(sl, m.k, m.K);
+  m.p1 = pixel_slice_begin(sl, m.k + 1, m.K);
   m.base = m.n * d.S * d.C;
   m.units = d.C / W;
-  m.TX = static_cast<int>(m.units < kGnThreads ? m.units : kGnThreads);
-  m.TY = kGnThreads / m.TX;
-  m.tx = threadIdx.x % m.TX;
-  m.ty = threadIdx.x / m.TX;
+  // 32-bit divisions (C <= 2^30): a 64-bit one is a subroutine call.
+  const unsigned units = static_cast<unsigned>(m.units);
+  const unsigned TX = units < kGnThreads ? units : kGnThreads;
+  m.TX = static_cast<int>(TX);
+  m.TY = static_cast<int>(kGnThreads / TX);
+  m.tx = static_cast<int>(threadIdx.x % TX);
+  m.ty = static_cast<int>(threadIdx.x / TX);
   m.active = m.ty < m.TY;
-  m.chunks = static_cast<int>((m.units + m.TX - 1) / m.TX);
+  m.chunks = static_cast<int>((units + TX - 1) / TX);
   return m;
 }
 
@@ -113,8 +130,11 @@ __device__ __forceinline__ ChannelTables channel_tables(SmemCarver& carve, Param
   ChannelTables t;
   t.wb = carve.take<float2>(d.C);
   t.gid = carve.take<int>(d.C);
-  for (int64_t c = threadIdx.x; c < d.C; c += kGnThreads) {
-    t.gid[c] = static_cast<int>(c / d.Cg);
+  // 32-bit channel indices (C <= 2^30, checked by the entry points): a 64-bit division is a subroutine call,
+  // across which ptxas kept loop state on the stack.
+  const unsigned C = static_cast<unsigned>(d.C), Cg = static_cast<unsigned>(d.Cg);
+  for (unsigned c = threadIdx.x; c < C; c += kGnThreads) {
+    t.gid[c] = static_cast<int>(c / Cg);
     t.wb[c] = make_float2(load_param(weight, c, 1.0f), load_param(bias, c, 0.0f));
   }
   return t;
@@ -137,28 +157,35 @@ __device__ __forceinline__ void grad_column(const T* x, const T* dy, const NhwcM
     gs[e] = gstat[ct.gid[c]];
     cwb[e] = ct.wb[c];
   }
-  for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
-    const int64_t off = m.base + p * d.C + cu * W;
-    float fx[W], fdy[W];
-    U::load(x + off, fx);
-    U::load(dy + off, fdy);
-    float xhat[W], dz[W];
+  using P = RawPair<T, VEC>;
+  const int64_t col = m.base + cu * W;
+  unrolled_units<kPairUnroll<VEC>, P>(
+      m.p0 + m.ty, m.p1, m.TY,
+      [&](int64_t p) {
+        const int64_t off = col + p * d.C;
+        return P{U::load_raw(x + off), U::load_raw(dy + off)};
+      },
+      [&](int64_t p, const P& raw) {
+        float fx[W], fdy[W];
+        U::unpack(raw.x, fx);
+        U::unpack(raw.dy, fdy);
+        float xhat[W], dz[W];
 #pragma unroll
-    for (int e = 0; e < W; ++e) {
-      xhat[e] = (fx[e] - gs[e].x) * gs[e].y;
-      dz[e] = silu_grad_dz(fdy[e], xhat[e] * cwb[e].x + cwb[e].y);
-    }
-    visit(off, gs, cwb, xhat, dz);
-  }
+        for (int e = 0; e < W; ++e) {
+          xhat[e] = (fx[e] - gs[e].x) * gs[e].y;
+          dz[e] = silu_grad_dz(fdy[e], xhat[e] * cwb[e].x + cwb[e].y);
+        }
+        visit(col + p * d.C, gs, cwb, xhat, dz);
+      });
 }
 
 // Split forward, pass 1: per-(sample, slice, group) moments -> part[(n * G + g) * K + k].
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGnThreads)
-    gn_fwd_stats_nhwc(const T* __restrict__ x, float2* __restrict__ part, GnDims d) {
+    gn_fwd_stats_nhwc(const T* __restrict__ x, float2* __restrict__ part, GnDims d, NhwcSlices sl) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const NhwcMap m = nhwc_map<W>(d);
+  const NhwcMap m = nhwc_map<W>(d, sl);
   const float np = static_cast<float>(m.p1 - m.p0);
   SmemCarver carve{dynamic_smem()};
   float2* chstat = carve.take<float2>(d.C);
@@ -173,16 +200,19 @@ __global__ void __launch_bounds__(kGnThreads)
     for (int e = 0; e < W; ++e) shift[e] = s1[e] = s2[e] = 0.0f;
     if (colok) {
       U::load(xs + m.p0 * d.C + cu * W, shift);
-      for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
-        float f[W];
-        U::load(xs + p * d.C + cu * W, f);
+      const T* col = xs + cu * W;
+      unrolled_units<kUnitUnroll<VEC>, typename U::Raw>(
+          m.p0 + m.ty, m.p1, m.TY, [&](int64_t p) { return U::load_raw(col + p * d.C); },
+          [&](int64_t, const typename U::Raw& raw) {
+            float f[W];
+            U::unpack(raw, f);
 #pragma unroll
-        for (int e = 0; e < W; ++e) {
-          const float dv = f[e] - shift[e];
-          s1[e] += dv;
-          s2[e] += dv * dv;
-        }
-      }
+            for (int e = 0; e < W; ++e) {
+              const float dv = f[e] - shift[e];
+              s1[e] += dv;
+              s2[e] += dv * dv;
+            }
+          });
     }
     if (m.TY == 1) {
       if (colok) {
@@ -203,41 +233,59 @@ __global__ void __launch_bounds__(kGnThreads)
   });
 }
 
-// Split forward, pass 2: merge each group's K slices, normalise + affine + SiLU pixels [p0, p1).
+// The group (sample, group) of this warp in the merge kernels (one warp per group, kGnWarps per block); false for
+// the warps past the last group (whole warps: they return together).
+__device__ __forceinline__ bool merge_warp_group(const GnDims& d, int64_t& gidx) {
+  gidx = static_cast<int64_t>(blockIdx.x) * kGnWarps + threadIdx.x / 32;
+  return gidx < d.N * d.G;
+}
+
+// Split forward, between the passes: merge each group's K slices -> mean_out, rstd_out.
+__global__ void __launch_bounds__(kGnThreads)
+    gn_fwd_merge_nhwc(const float2* __restrict__ part, int K, float* __restrict__ mean_out,
+                      float* __restrict__ rstd_out, GnDims d, float eps) {
+  int64_t gidx;
+  if (!merge_warp_group(d, gidx)) return;
+  const Moments mo = merge_slices(part, gidx, K, d.S, static_cast<float>(d.Cg));
+  if ((threadIdx.x & 31) == 0) {
+    float2 stat;
+    publish_group_stats(mo.mean, mo.m2, d, eps, true, gidx, &stat, mean_out, rstd_out);
+  }
+}
+
+// Split forward, pass 2: normalise + affine + SiLU pixels [p0, p1) with the merged statistics.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGnThreads)
-    gn_fwd_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part, ParamRef weight,
-                      ParamRef bias, float* __restrict__ mean_out, float* __restrict__ rstd_out, GnDims d,
-                      float eps) {
+    gn_fwd_apply_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ mean_in,
+                      const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, GnDims d,
+                      NhwcSlices sl) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
   SmemCarver carve{dynamic_smem()};
   float2* gstat = carve.take<float2>(d.G);
   const ChannelTables ct = channel_tables(carve, weight, bias, d);
 
-  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
-    const Moments mo = merge_slices(part, gidx, gridDim.y, d.S, static_cast<float>(d.Cg));
-    if ((threadIdx.x & 31) == 0) {
-      publish_group_stats(mo.mean, mo.m2, d, eps, blockIdx.y == 0, gidx, gstat + g, mean_out, rstd_out);
-    }
-  });
+  const int64_t g0 = static_cast<int64_t>(blockIdx.x) * d.G;
+  for (int g = threadIdx.x; g < d.G; g += kGnThreads) gstat[g] = make_float2(mean_in[g0 + g], rstd_in[g0 + g]);
   __syncthreads();
 
-  const NhwcMap m = nhwc_map<W>(d);
+  const NhwcMap m = nhwc_map<W>(d, sl);
   for_each_own_column(m, [&](int64_t cu) {
-    for (int64_t p = m.p0 + m.ty; p < m.p1; p += m.TY) {
-      const int64_t off = m.base + p * d.C + cu * W;
-      float f[W];
-      U::load(x + off, f);
+    const int64_t col = m.base + cu * W;
+    unrolled_units<kUnitUnroll<VEC>, typename U::Raw>(
+        m.p0 + m.ty, m.p1, m.TY, [&](int64_t p) { return U::load_raw(x + col + p * d.C); },
+        [&](int64_t p, const typename U::Raw& raw) {
+          float f[W];
+          U::unpack(raw, f);
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        const int64_t c = cu * W + e;
-        const float2 gs = gstat[ct.gid[c]];
-        const float2 p_wb = ct.wb[c];
-        f[e] = silu_f((f[e] - gs.x) * (gs.y * p_wb.x) + p_wb.y);
-      }
-      U::store(y + off, f);
-    }
+          for (int e = 0; e < W; ++e) {
+            const int64_t c = cu * W + e;
+            const float2 gs = gstat[ct.gid[c]];
+            const float2 p_wb = ct.wb[c];
+            f[e] = silu_f((f[e] - gs.x) * (gs.y * p_wb.x) + p_wb.y);
+          }
+          U::store(y + col + p * d.C, f);
+        });
   });
 }
 
@@ -247,10 +295,10 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGnThreads)
     gn_bwd_sums_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean_in,
                      const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, float2* __restrict__ chan,
-                     float2* __restrict__ grp, GnDims d) {
+                     float2* __restrict__ grp, GnDims d, NhwcSlices sl) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
-  const NhwcMap m = nhwc_map<W>(d);
+  const NhwcMap m = nhwc_map<W>(d, sl);
   SmemCarver carve{dynamic_smem()};
   float2* gstat = carve.take<float2>(d.G);
   const ChannelTables ct = channel_tables(carve, weight, bias, d);
@@ -303,29 +351,37 @@ __global__ void __launch_bounds__(kGnThreads)
   });
 }
 
-// Split backward, pass 2: dx of pixels [p0, p1).
+// Split backward, between the passes: each group's K slice sums -> gmeans[n * G + g] = the group's
+// mean(dxhat), mean(dxhat * xhat).
+__global__ void __launch_bounds__(kGnThreads)
+    gn_bwd_merge_nhwc(const float2* __restrict__ grp, int K, float2* __restrict__ gmeans, GnDims d) {
+  int64_t gidx;
+  if (!merge_warp_group(d, gidx)) return;
+  const float group_size = static_cast<float>(d.Cg) * static_cast<float>(d.S);
+  const float2 s = warp_sum_pairs(K, [&](int64_t j) { return grp[gidx * K + j]; });
+  if ((threadIdx.x & 31) == 0) gmeans[gidx] = make_float2(s.x / group_size, s.y / group_size);
+}
+
+// Split backward, pass 2: dx of pixels [p0, p1), given the merged group means.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kGnThreads)
     gn_bwd_dx_nhwc(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean_in,
-                   const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias, const float2* __restrict__ grp,
-                   T* __restrict__ dx, GnDims d) {
+                   const float* __restrict__ rstd_in, ParamRef weight, ParamRef bias,
+                   const float2* __restrict__ gmeans, T* __restrict__ dx, GnDims d, NhwcSlices sl) {
   using U = Unit<T, VEC>;
   constexpr int W = U::W;
   SmemCarver carve{dynamic_smem()};
   float4* gstat = carve.take<float4>(d.G);
   const ChannelTables ct = channel_tables(carve, weight, bias, d);
 
-  const int K = gridDim.y;
-  const float group_size = static_cast<float>(d.Cg) * static_cast<float>(d.S);
-  for_each_group_by_warp(d, [&](int g, int64_t gidx) {
-    const float2 s = warp_sum_pairs(K, [&](int64_t j) { return grp[gidx * K + j]; });
-    if ((threadIdx.x & 31) == 0) {
-      gstat[g] = make_float4(mean_in[gidx], rstd_in[gidx], s.x / group_size, s.y / group_size);
-    }
-  });
+  const int64_t g0 = static_cast<int64_t>(blockIdx.x) * d.G;
+  for (int g = threadIdx.x; g < d.G; g += kGnThreads) {
+    const float2 gm = gmeans[g0 + g];
+    gstat[g] = make_float4(mean_in[g0 + g], rstd_in[g0 + g], gm.x, gm.y);
+  }
   __syncthreads();
 
-  const NhwcMap m = nhwc_map<W>(d);
+  const NhwcMap m = nhwc_map<W>(d, sl);
   for_each_own_column(m, [&](int64_t cu) {
     grad_column<T, VEC>(x, dy, m, d, cu, gstat, ct,
                         [&](int64_t off, const float4(&gs)[W], const float2(&cwb)[W], const float(&xhat)[W],

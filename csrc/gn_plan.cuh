@@ -18,9 +18,13 @@
 //       backward: per-channel sums -> dx (x, dy read twice) + the dweight/dbias reduction.
 //   NHWC, split       a block covers all C channels of a slice of pixels of one sample, reading whole
 //                     pixel rows across C (coalesced) and reducing per channel then per group; the pixels
-//                     of each sample are split over K = min(S, ceil(2P / N)) blocks.
-//       forward:  per-(sample, slice, group) moments -> merge + normalise + SiLU.
-//       backward: per-(sample, slice, channel) sums -> dx + the dweight/dbias reduction.
+//                     of each sample are split over K = ceil(12P / N) blocks (kGnNhwcBlocksPerSm: two waves at
+//                     the up to 6 blocks per SM these kernels' registers allow), at most one per pixel row in flight
+//                     (S / TY), and in the backward at most what keeps its per-(sample, slice, channel)
+//                     partials within kGnNhwcPartialBytes (but never fewer than ceil(2P / N)).
+//       forward:  per-(sample, slice, group) moments -> merge (one warp per group) -> normalise + SiLU.
+//       backward: per-(sample, slice, channel) sums -> merge of the group sums -> dx + the dweight/dbias
+//                 reduction.
 //
 // The ops' `split` argument picks the regime for tests and tuning: 0 = automatic, -1 = fused where the
 // group fits in shared memory (NCHW), k >= 1 = split into k slices (clamped to what the shape allows).
@@ -103,6 +107,27 @@ void check_smem(size_t bytes, const GnDims& d, const DeviceProps& props, const c
                   props.max_smem_optin);
 }
 
+// NHWC split: blocks the automatic plan aims for per SM, and the backward's cap on its per-(sample, slice,
+// channel) partial sums (the plan keeps at least ceil(2P / N) slices where the cap allows fewer).
+constexpr int64_t kGnNhwcBlocksPerSm = 12;
+constexpr int64_t kGnNhwcPartialBytes = int64_t{4} << 20;
+
+// NHWC split: pixel slices per sample (see the regimes above); `split` >= 1 asks for that many (at most S).
+int64_t choose_nhwc_slices(int64_t split, const GnDims& d, int W, bool backward, int sm_count) {
+  if (split >= 1) return choose_slices(split, d.N, d.S, sm_count);
+  const int64_t units = d.C / W;
+  const int64_t TX = units < kGnThreads ? units : kGnThreads;
+  const int64_t TY = kGnThreads / TX;
+  const int64_t P = sm_count;
+  int64_t want = clamp64((kGnNhwcBlocksPerSm * P + d.N - 1) / d.N, 1, (d.S + TY - 1) / TY);
+  if (backward) {
+    const int64_t cap = kGnNhwcPartialBytes / (d.N * d.C * static_cast<int64_t>(sizeof(float2)));
+    const int64_t floor_k = (2 * P + d.N - 1) / d.N;
+    if (want > cap) want = cap > floor_k ? cap : floor_k;
+  }
+  return clamp64(want, 1, d.S < 65535 ? d.S : 65535);
+}
+
 // The NHWC kernels' TY-row reduction scratch (nhwc_red_count).
 size_t nhwc_red_bytes(int64_t C, int W) {
   const int64_t units = C / W;
@@ -155,7 +180,7 @@ GnPlan plan_group_norm(const GnDims& d, Layout layout, GnPass pass, size_t elem_
 
   p.vec = aligned && d.C % V == 0;
   const int W = p.vec ? V : 1;
-  p.slices = choose_slices(split, d.N, d.S, props.sm_count);
+  p.slices = choose_nhwc_slices(split, d, W, backward, props.sm_count);
   const size_t channel_pairs = round16(static_cast<size_t>(d.C) * sizeof(float2));
   if (!backward) {
     p.smem[0] = channel_pairs + nhwc_red_bytes(d.C, W);

@@ -95,6 +95,11 @@ ParamRef param_ref(const std::optional<Tensor>& p, const char* name, const Tenso
   return ParamRef{p->const_data_ptr(), kind};
 }
 
+NhwcSlices nhwc_slices(const GnDims& d, int64_t K) { return NhwcSlices{d.S / K, static_cast<int>(d.S % K)}; }
+
+// Blocks of the NHWC merge kernels: one warp per (sample, group).
+unsigned merge_blocks(const GnDims& d) { return static_cast<unsigned>((d.N * d.G + kGnWarps - 1) / kGnWarps); }
+
 template <typename T>
 void gn_forward(const Tensor& x, const Tensor& y, ParamRef w, ParamRef b, const Tensor& mean, const Tensor& rstd,
                 const GnDims& d, const GnPlan& p, float eps, cudaStream_t stream) {
@@ -126,10 +131,12 @@ void gn_forward(const Tensor& x, const Tensor& y, ParamRef w, ParamRef b, const 
   const dim3 grid(static_cast<unsigned>(d.N), static_cast<unsigned>(K));
   launch("group_norm_silu forward (channels-last statistics)",
          p.vec ? gn_fwd_stats_nhwc<T, true> : gn_fwd_stats_nhwc<T, false>, grid, dim3(kGnThreads), p.smem[0], stream,
-         xp, pp, d);
+         xp, pp, d, nhwc_slices(d, K));
+  launch("group_norm_silu forward (channels-last merge)", gn_fwd_merge_nhwc, dim3(merge_blocks(d)),
+         dim3(kGnThreads), 0, stream, static_cast<const float2*>(pp), static_cast<int>(K), mp, rp, d, eps);
   launch("group_norm_silu forward (channels-last apply)",
          p.vec ? gn_fwd_apply_nhwc<T, true> : gn_fwd_apply_nhwc<T, false>, grid, dim3(kGnThreads), p.smem[1], stream,
-         xp, yp, static_cast<const float2*>(pp), w, b, mp, rp, d, eps);
+         xp, yp, static_cast<const float*>(mp), static_cast<const float*>(rp), w, b, d, nhwc_slices(d, K));
 }
 
 template <typename T>
@@ -168,17 +175,22 @@ void gn_backward(const Tensor& dy, const Tensor& x, ParamRef w, ParamRef b, cons
     partial_rows = d.N * K;
     chan = empty_float(x, {d.N * K * d.C, 2});
     Tensor grp = empty_float(x, {NG * K, 2});
+    Tensor gmeans = empty_float(x, {NG, 2});
     float2* cp = static_cast<float2*>(chan.mutable_data_ptr());
     float2* gp = static_cast<float2*>(grp.mutable_data_ptr());
+    float2* gmp = static_cast<float2*>(gmeans.mutable_data_ptr());
     const dim3 grid(static_cast<unsigned>(d.N), static_cast<unsigned>(K));
     launch("group_norm_silu backward (channels-last sums)",
            p.vec ? gn_bwd_sums_nhwc<T, true> : gn_bwd_sums_nhwc<T, false>, grid, dim3(kGnThreads), p.smem[0], stream,
-           dyp, xp, mp, rp, w, b, cp, gp, d);
+           dyp, xp, mp, rp, w, b, cp, gp, d, nhwc_slices(d, K));
+    launch("group_norm_silu backward (channels-last merge)", gn_bwd_merge_nhwc, dim3(merge_blocks(d)),
+           dim3(kGnThreads), 0, stream, static_cast<const float2*>(gp), static_cast<int>(K), gmp, d);
     launch("group_norm_silu backward (channels-last dx)", p.vec ? gn_bwd_dx_nhwc<T, true> : gn_bwd_dx_nhwc<T, false>,
-           grid, dim3(kGnThreads), p.smem[1], stream, dyp, xp, mp, rp, w, b, static_cast<const float2*>(gp), dxp, d);
+           grid, dim3(kGnThreads), p.smem[1], stream, dyp, xp, mp, rp, w, b, static_cast<const float2*>(gmp), dxp, d,
+           nhwc_slices(d, K));
   }
   if (dweight != nullptr || dbias != nullptr) {
-    const unsigned blocks = static_cast<unsigned>((d.C + kGnThreads - 1) / kGnThreads);
+    const unsigned blocks = static_cast<unsigned>((d.C + kGnParamChannels - 1) / kGnParamChannels);
     launch("group_norm_silu backward (dweight, dbias)", gn_bwd_params, dim3(blocks), dim3(kGnThreads), 0, stream,
            static_cast<const float2*>(chan.const_data_ptr()), partial_rows, d.C, dweight, dbias);
   }

@@ -106,6 +106,7 @@ KERNEL_ROLES = {
     "gn_fwd_stats_nhwc": "r", "gn_fwd_apply_nhwc": "rw",
     "gn_bwd_fused_nchw": "rw", "gn_bwd_sums_nchw": "r", "gn_bwd_dx_nchw": "rw",
     "gn_bwd_sums_nhwc": "r", "gn_bwd_dx_nhwc": "rw", "gn_bwd_params": "aux",
+    "gn_fwd_merge_nhwc": "aux", "gn_bwd_merge_nhwc": "aux",
     # Triton
     "_add_noise_kernel": "rw", "_ddim_step_kernel": "rw", "_ddpm_step_kernel": "rw", "_flow_match_step_kernel": "rw",
     "_flow_add_noise_kernel": "rw", "_abs_x0_kernel": "rw", "_cfg_moments_kernel": "r",
