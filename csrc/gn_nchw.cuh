@@ -83,6 +83,11 @@ __device__ __forceinline__ NchwBlock nchw_block(const GnDims& d, const NchwSlice
   return b;
 }
 
+// The fused kernels' loads in flight per thread where vectorised, twice the split kernels': their groups' shared
+// memory leaves room for one or two blocks per SM, so each thread must keep more bytes in flight.
+template <bool VEC>
+constexpr int kFusedUnroll = VEC ? 2 * kGnInflight : kPairUnroll<VEC> * 2;
+
 // Moments of the block's rows (each row's units [u0, u1)) combined into one (mean, m2), valid on the first warp.
 // `xg` is the group's first row; `keep` (nullable) receives a copy of the rows. rowstat: r1 - r0 entries of
 // scratch.
@@ -114,7 +119,7 @@ __device__ __forceinline__ float2 slice_moments(const T* xg, T* keep, const Nchw
         }
       };
       if (keep_row != nullptr) {
-        unrolled_units<kGnInflight, R>(
+        unrolled_units<kFusedUnroll<VEC>, R>(
             b.u0 + b.lane, b.u1, L, [&](int64_t u) { return U::load_raw_keep(row + u * W, keep_row + u * W); },
             accumulate);
       } else {
@@ -262,7 +267,7 @@ __device__ __forceinline__ void rows_grad_sums(const T* xg, const T* dyg, T* kee
       if (keep_x != nullptr) {
         T* kx = keep_x + r * S;
         T* kdy = keep_dy + r * S;
-        unrolled_units<kPairUnroll<VEC>, P>(
+        unrolled_units<kFusedUnroll<VEC> / 2, P>(
             b.u0 + b.lane, b.u1, L,
             [&](int64_t u) {
               return P{U::load_raw_keep(xrow + u * W, kx + u * W), U::load_raw_keep(dyrow + u * W, kdy + u * W)};
