@@ -13,7 +13,10 @@ Regimes
             whole tiles. Kernel A writes per-chunk partials to a small fp32 buffer; kernel B merges its
             group's K partials in a fixed order and finishes its own chunk, reading it again (from L2 when
             the tensor fits there, as at those batch sizes). Forward: x read twice, y written once.
-            Backward: x and dy read twice, dx written once.
+            Backward: x and dy read twice, dx written once. In channels-last with C/G not a multiple of 8,
+            a tile spans several whole groups (``_pack``). Chunks that loop over several tiles give each
+            lane two 16-byte vectors per tensor (``LOOPING_CHUNK_TILES``), so that SMs whose registers hold
+            few programs still have loads in flight.
     looped  Big groups, and enough of them to fill the GPU: one program per (n, g) loops over its group
             twice (statistics, then output). Same passes as split, but the second read of a group follows
             its first closely, so it mostly hits L2 even when the whole tensor does not fit there.
@@ -109,6 +112,9 @@ def _loop_tile(channels_per_group: int, spatial: int, channels_last: bool, tile_
     return block_s, block_c
 
 
+# From how many tiles per chunk a split plan's chunks count as looping (see make_plan).
+LOOPING_CHUNK_TILES = 4
+
 # The widest packed tile's channel axis (a pack of groups must leave room for a few pixel rows per tile).
 MAX_PACK_CHANNELS = 512
 
@@ -185,15 +191,26 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
     c_per, s_per = c_tiles, s_tiles
     if regime in ("auto", "split"):
         programs = groups // pack
-        if chunks is None:
-            programs_per_sm = max(1, THREADS_PER_SM // (32 * num_warps))
+
+        def split_counts(warps):
+            if chunks is not None:
+                return _split_counts(chunks, c_tiles, s_tiles, channels_last)
+            programs_per_sm = max(1, THREADS_PER_SM // (32 * warps))
             target = tuning.waves * sm_count * programs_per_sm
             want = cdiv(target, programs) if programs < target else 1
             min_chunk = tuning.min_chunk_elems * 2 // itemsize if pack > 1 else tuning.min_chunk_elems
             want = min(want, max(1, pack * cpg * spatial // min_chunk))
-        else:
-            want = chunks
-        c_chunks, s_chunks, c_per, s_per = _split_counts(want, c_tiles, s_tiles, channels_last)
+            return _split_counts(want, c_tiles, s_tiles, channels_last)
+
+        c_chunks, s_chunks, c_per, s_per = split_counts(num_warps)
+        if chunks is None and pack == 1 and c_chunks * s_chunks > 1 and c_per * s_per >= LOOPING_CHUNK_TILES:
+            # Chunks that loop over several tiles: lanes of PACKED_LANE_BYTES (two 16-byte vectors of halves; floats
+            # have them already) in programs of half the warps, and twice the chunks for the same waves. One vector
+            # per lane left SMs whose registers hold two such programs short of loads in flight.
+            wide = _num_warps(block_s * block_c, PACKED_LANE_BYTES // itemsize)
+            if wide < num_warps:
+                num_warps = wide
+                c_chunks, s_chunks, c_per, s_per = split_counts(num_warps)
         # A forced split stays split even with one chunk (a one-tile group): the caller means it.
         if regime == "auto":
             regime = "split" if c_chunks * s_chunks > 1 else "looped"
