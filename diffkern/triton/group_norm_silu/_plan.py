@@ -151,7 +151,7 @@ def _split_counts(want: int, c_tiles: int, s_tiles: int, channels_last: bool) ->
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every call's path
 def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool, sm_count: int, tuning: Tuning, *,
               regime: Optional[str] = None, chunks: Optional[int] = None, loop_tile_elems: Optional[int] = None,
-              offsets_64: Optional[bool] = None, itemsize: int = 2) -> Plan:
+              offsets_64: Optional[bool] = None, itemsize: int = 2, tile_halvings: int = 0) -> Plan:
     """The plan for an ``(N, C, S)`` input. The keywords, where given, replace the heuristic's decisions (so
     that small test shapes reach every code path):
 
@@ -161,7 +161,9 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
       ``min_chunk_elems``), so that every SM has its fill of loads in flight;
     - else looped.
 
-    ``itemsize`` (x's element size) sizes packed tiles (see ``PACKED_LANE_BYTES``).
+    ``itemsize`` (x's element size) sizes packed tiles (see ``PACKED_LANE_BYTES``). ``tile_halvings`` is the
+    heuristic's own: split chunks of one tile each that still make fewer than ``waves`` waves, in lanes of more than
+    16 bytes, are planned again with tiles (and the smallest chunk) halved and the same warps, so one-vector lanes.
     """
     if regime is not None and regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
@@ -171,7 +173,7 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
     whole_s, whole_c = next_pow2(spatial), next_pow2(cpg)
     if regime is None:
         regime = "single" if whole_s * whole_c <= tuning.single_read_elems else "auto"
-    tile_elems = loop_tile_elems or tuning.loop_tile_elems
+    tile_elems = (loop_tile_elems or tuning.loop_tile_elems) >> tile_halvings
     pack = 1
     if regime == "single":
         block_s, block_c = whole_s, whole_c
@@ -186,19 +188,22 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
         else:
             block_s, block_c = _loop_tile(cpg, spatial, channels_last, tile_elems)
     c_tiles, s_tiles = cdiv(cpg, block_c), cdiv(spatial, block_s)
-    num_warps = _num_warps(block_s * block_c, PACKED_LANE_BYTES // itemsize if pack > 1 else 8)
+    num_warps = _num_warps((block_s * block_c) << tile_halvings, PACKED_LANE_BYTES // itemsize if pack > 1 else 8)
     c_chunks = s_chunks = 1
     c_per, s_per = c_tiles, s_tiles
     if regime in ("auto", "split"):
         programs = groups // pack
 
+        def wave_target(warps):
+            return tuning.waves * sm_count * max(1, THREADS_PER_SM // (32 * warps))
+
         def split_counts(warps):
             if chunks is not None:
                 return _split_counts(chunks, c_tiles, s_tiles, channels_last)
-            programs_per_sm = max(1, THREADS_PER_SM // (32 * warps))
-            target = tuning.waves * sm_count * programs_per_sm
+            target = wave_target(warps)
             want = cdiv(target, programs) if programs < target else 1
             min_chunk = tuning.min_chunk_elems * 2 // itemsize if pack > 1 else tuning.min_chunk_elems
+            min_chunk = max(1, min_chunk >> tile_halvings)
             want = min(want, max(1, pack * cpg * spatial // min_chunk))
             return _split_counts(want, c_tiles, s_tiles, channels_last)
 
@@ -211,6 +216,14 @@ def make_plan(shape: Tuple[int, int, int], num_groups: int, channels_last: bool,
             if wide < num_warps:
                 num_warps = wide
                 c_chunks, s_chunks, c_per, s_per = split_counts(num_warps)
+        lane_bytes = block_s * block_c * itemsize // (32 * num_warps)
+        if (chunks is None and tile_halvings == 0 and c_per * s_per == 1 and lane_bytes > 16
+                and programs * c_chunks * s_chunks < wave_target(num_warps)):
+            halved = make_plan(shape, num_groups, channels_last, sm_count, tuning,
+                               regime=None if regime == "auto" else regime, loop_tile_elems=loop_tile_elems,
+                               offsets_64=offsets_64, itemsize=itemsize, tile_halvings=1)
+            if halved.regime == "split" and halved.chunks > c_chunks * s_chunks:
+                return halved
         # A forced split stays split even with one chunk (a one-tile group): the caller means it.
         if regime == "auto":
             regime = "split" if c_chunks * s_chunks > 1 else "looped"
