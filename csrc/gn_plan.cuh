@@ -20,8 +20,9 @@
 //                     pixel rows across C (coalesced) and reducing per channel then per group; the pixels
 //                     of each sample are split over K = ceil(12P / N) blocks (kGnNhwcBlocksPerSm: two waves at
 //                     the up to 6 blocks per SM these kernels' registers allow), at most one per pixel row in flight
-//                     (S / TY), and in the backward at most what keeps its per-(sample, slice, channel)
-//                     partials within kGnNhwcPartialBytes (but never fewer than ceil(2P / N)).
+//                     (S / TY), and at most what keeps the partials (the forward's per-(sample, slice, group)
+//                     moments, the backward's per-(sample, slice, channel) sums) within kGnNhwcPartialBytes
+//                     (but never fewer than ceil(2P / N)).
 //       forward:  per-(sample, slice, group) moments -> merge (one warp per group) -> normalise + SiLU.
 //       backward: per-(sample, slice, channel) sums -> merge of the group sums -> dx + the dweight/dbias
 //                 reduction.
@@ -107,8 +108,8 @@ void check_smem(size_t bytes, const GnDims& d, const DeviceProps& props, const c
                   props.max_smem_optin);
 }
 
-// NHWC split: blocks the automatic plan aims for per SM, and the backward's cap on its per-(sample, slice,
-// channel) partial sums (the plan keeps at least ceil(2P / N) slices where the cap allows fewer).
+// NHWC split: blocks the automatic plan aims for per SM, and the cap on the per-slice partials (the plan keeps
+// at least ceil(2P / N) slices where the cap allows fewer).
 constexpr int64_t kGnNhwcBlocksPerSm = 12;
 constexpr int64_t kGnNhwcPartialBytes = int64_t{4} << 20;
 
@@ -120,11 +121,11 @@ int64_t choose_nhwc_slices(int64_t split, const GnDims& d, int W, bool backward,
   const int64_t TY = kGnThreads / TX;
   const int64_t P = sm_count;
   int64_t want = clamp64((kGnNhwcBlocksPerSm * P + d.N - 1) / d.N, 1, (d.S + TY - 1) / TY);
-  if (backward) {
-    const int64_t cap = kGnNhwcPartialBytes / (d.N * d.C * static_cast<int64_t>(sizeof(float2)));
-    const int64_t floor_k = (2 * P + d.N - 1) / d.N;
-    if (want > cap) want = cap > floor_k ? cap : floor_k;
-  }
+  // The partials per slice: the forward's group moments, the backward's channel sums (and group sums, G <= C).
+  const int64_t per_slice = d.N * (backward ? d.C : d.G) * static_cast<int64_t>(sizeof(float2));
+  const int64_t cap = kGnNhwcPartialBytes / per_slice;
+  const int64_t floor_k = (2 * P + d.N - 1) / d.N;
+  if (want > cap) want = cap > floor_k ? cap : (want < floor_k ? want : floor_k);
   return clamp64(want, 1, d.S < 65535 ? d.S : 65535);
 }
 
