@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as triton_driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -47,33 +46,11 @@ import diffkern  # noqa: E402
 import diffkern.triton  # noqa: E402
 from diffkern import backends  # noqa: E402
 from diffkern.triton import group_norm_silu as triton_gn  # noqa: E402
+from diffkern.triton._compile_only import CompileOnlyDriver  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-
-
-class CompileOnlyDriver:
-    """The part of Triton's driver interface that compiling needs: a target, a device index and a stream."""
-
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        # Triton keeps compiled kernels per device index: one index per arch, so no arch reuses another's.
-        return self.target.arch
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def __getattr__(self, name):
-        raise AttributeError(f"compile-only driver: {name} would need a GPU")
 
 
 class CompileLog:
