@@ -6,8 +6,9 @@ This test process runs Triton in interpreter mode (fixed at import), which has n
 runs in a subprocess (this file as a script) with Triton's real compiler behind the compile-only driver for sm_90.
 There every launch compiles and returns instead of running (``JITFunction.run`` with ``warmup=True``), and a
 compiled kernel's runner only records what it was given. Each call of a bound launch (ddim, ddpm, add_noise,
-flow_match_step, flow_add_noise) is made with fresh inputs that vary what Triton specialises on: 16-byte alignment
-(a view one element into its storage), a None noise, host timestep and sigma values. After each call the test asks
+flow_match_step, flow_add_noise, the GroupNorm forward) is made with fresh inputs that vary what Triton specialises
+on: 16-byte alignment (a view one element into its storage), a None noise or bias, host timestep and sigma values,
+the dtype. After each call the test asks
 Triton for the compiled kernel of exactly the arguments the launch passed (``warmup=True`` again), and requires:
 a call the launcher ran directly ran that kernel's runner, with those arguments, and repeated specialisations did
 run directly. What no CPU can check is the runner's launch itself (Triton's compiled launcher and the driver).
@@ -51,10 +52,8 @@ def test_bench_host_measures_the_triton_launch_path():
     ``JITFunction.run`` per op, and each public call once its launch goes direct."""
     figures = _run_worker("bench")
     print(figures)
-    ops = ("ddim_step", "ddpm_step", "add_noise", "flow_match_step", "flow_add_noise")
-    for op in ops + ("group_norm_silu",):
+    for op in ("ddim_step", "ddpm_step", "add_noise", "flow_match_step", "flow_add_noise", "group_norm_silu"):
         assert figures[f"Triton JITFunction.run [{op}]"] > 0
-    for op in ops:
         assert figures[f"diffkern {op} [triton], direct launch"] > 0
 
 
@@ -67,11 +66,14 @@ def _worker() -> dict:
 
     import diffkern
     from diffkern import backends
-    from diffkern.triton import _compile_only, add_noise, ddim, ddpm, flow_match
+    from triton.runtime.jit import JITFunction
 
-    kernels = {"ddim_step": ddim._ddim_step_kernel, "ddpm_step": ddpm._ddpm_step_kernel,
-               "add_noise": add_noise._add_noise_kernel, "flow_match_step": flow_match._flow_match_step_kernel,
-               "flow_add_noise": flow_match._flow_add_noise_kernel}
+    from diffkern.triton import _compile_only, add_noise, ddim, ddpm, flow_match
+    from diffkern.triton.group_norm_silu import _forward
+
+    kernels = {value.fn.__name__: value for module in (add_noise, ddim, ddpm, flow_match, _forward)
+               for value in vars(module).values() if isinstance(value, JITFunction)}
+    ops = ("ddim_step", "ddpm_step", "add_noise", "flow_match_step", "flow_add_noise", "group_norm_silu")
     backends._triton_status = lambda device_type: backends.BackendStatus(True, "compile-only (test)")
     backends.clear_cache()
     seed = int.from_bytes(os.urandom(4), "little")
@@ -101,6 +103,9 @@ def _worker() -> dict:
                                                  noise=noise if t else None, backend="triton")
             elif op == "add_noise":
                 yield lambda: diffkern.add_noise(x, noise, 500 - step, table, backend="triton")
+            elif op == "group_norm_silu":
+                weight, bias = tensor(True)[0, :, 0, 0], (None if step >= 6 else tensor(not aligned)[0, :, 0, 0])
+                yield lambda: diffkern.group_norm_silu(x, 2, weight, bias, backend="triton")
             elif op == "flow_match_step":
                 guided = tensor(aligned, batch=4, dtype=dtype)
                 yield lambda: diffkern.flow_match_step(guided, x, 0.95 - step / 12, 0.9 - step / 12,
@@ -110,26 +115,22 @@ def _worker() -> dict:
 
     report = {}
     log = []
+    used_options = {}  # compiled kernel -> the options its launch through Triton passed (a runner gets none)
     with _compile_only.compile_only(90), _compile_only.launches_recorded(log):
-        for op, kernel in kernels.items():
+        for op in ops:
             counts = {"direct": 0, "through_triton": 0}
             for call in calls(op):
                 del log[:]
                 call()
-                (path, _, used, args, _), = log   # one launch per call here
-                expected = kernel.run(*args, grid=(1,), warmup=True, **_launcher_options())
-                assert used.hash == expected.hash, f"{op}: the launch ran {used.hash}, Triton picks {expected.hash}"
-                counts["direct" if path == "direct" else "through_triton"] += 1
+                assert log, f"{op}: no launch"
+                for path, _, used, args, options in list(log):
+                    options = options or used_options[used.hash]
+                    used_options[used.hash] = options
+                    expected = kernels[used.name].run(*args, grid=(1,), warmup=True, **options)
+                    assert used.hash == expected.hash, f"{op}: the launch ran {used.hash}, Triton picks {expected.hash}"
+                    counts["direct" if path == "direct" else "through_triton"] += 1
             report[op] = counts
     return report
-
-
-def _launcher_options() -> dict:
-    """The compile options every bound launch passes (``DirectLauncher``'s): its ``num_warps`` for these tiny
-    samples and the numeric policy."""
-    from diffkern.triton import _common as K
-
-    return dict(num_warps=K.launch_config(2, 120).num_warps, **K.LAUNCH_OPTIONS)
 
 
 def _bench_worker() -> dict:

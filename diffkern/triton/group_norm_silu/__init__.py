@@ -58,7 +58,7 @@ import torch
 from diffkern.ops._common import binds, float64_runs_reference
 from diffkern.ops.group_norm_silu import (as_3d, group_norm_silu_backward_reference, group_norm_silu_forward_reference,
                                           in_kernel_layout)
-from diffkern.triton._common import LAUNCH_OPTIONS, device_guard, positional_tail
+from diffkern.triton._common import LAUNCH_OPTIONS, device_guard, direct_launcher, positional_tail
 from diffkern.triton.group_norm_silu import _interpreter
 from diffkern.triton.group_norm_silu._backward import (bwd_chunk_dx_kernel, bwd_chunk_sums_kernel, bwd_group_kernel,
                                                         sum_partial_rows_kernel)
@@ -153,17 +153,19 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
                 OFFSETS_64=plan.offsets_64, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks), GPT=plan.group_pack)
     options = dict(num_warps=plan.num_warps, **LAUNCH_OPTIONS)
+    # (Direct launches, ``DirectLauncher``: one per kernel, grid, options and the tensors' dtypes.)
+    dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     if plan.regime == "split":
         chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
                       plan.s_tiles_per_chunk)
         partials_shape = (3, groups, plan.chunks)
         grid = (groups // plan.group_pack, plan.chunks)
-        moments = fwd_chunk_moments_kernel[grid]
-        apply = fwd_chunk_apply_kernel[grid]
+        moments = direct_launcher(fwd_chunk_moments_kernel, grid, options, dtypes)
+        apply = direct_launcher(fwd_chunk_apply_kernel, grid, options, dtypes)
         moments_tail = positional_tail(fwd_chunk_moments_kernel, "BLOCK_S", meta)
         apply_tail = positional_tail(fwd_chunk_apply_kernel, "BLOCK_K", meta)
     else:
-        group_kernel = fwd_group_kernel[(groups,)]
+        group_kernel = direct_launcher(fwd_group_kernel, (groups,), options, dtypes)
         group_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles)
         group_tail = positional_tail(fwd_group_kernel, "BLOCK_S", meta)
 
@@ -177,10 +179,10 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
         with device_guard(x):
             if plan.regime == "split":
                 partials = torch.empty(partials_shape, device=device, dtype=torch.float32)
-                moments(x, partials, *chunk_args, *moments_tail, **options)
-                apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, *apply_tail, **options)
+                moments(x, partials, *chunk_args, *moments_tail)
+                apply(x, y, w, b, partials, mean, rstd, *chunk_args, eps, *apply_tail)
             else:
-                group_kernel(x, y, w, b, mean, rstd, *group_args, eps, *group_tail, **options)
+                group_kernel(x, y, w, b, mean, rstd, *group_args, eps, *group_tail)
         return y, mean, rstd
     return launch
 
