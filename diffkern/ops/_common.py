@@ -762,6 +762,43 @@ def plan_cache() -> dict:
     return cache
 
 
+class StepPlan(NamedTuple):
+    """A validated call signature of a step op (``ddim_step``, ``ddpm_step``, ``flow_match_step``)."""
+    backend: str
+    launch: Optional[Callable]  # the eager call (``bound_launch``); None while tracing
+    options: Dict[str, object]  # the reference's keyword options, in the custom op's order
+    relayout: bool  # the tensors are not laid out alike (or a learned variance's are not contiguous)
+    table_ready: bool  # the abar table is what the backends take already (``prepare_table``); False without one
+    uses_noise: bool  # the step reads noise (DDIM: eta > 0; flow: stochastic; DDPM: decided per timestep)
+
+
+def step_tensors(plan: StepPlan, model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator], draw_dtype: torch.dtype) -> tuple:
+    """``(model_output, sample, noise)`` as a step's backends take them: no noise when the plan reads none; else the
+    caller's, or a draw like diffusers' (a normal of ``draw_dtype`` with ``generator``, in the sample's dtype); all
+    laid out alike (``same_layout``) where they are not."""
+    relayout = plan.relayout
+    if not plan.uses_noise:
+        noise = None
+    elif noise is None:
+        noise = as_dtype(draw_noise(sample.shape, draw_dtype, sample.device, generator), sample.dtype)
+        relayout = not laid_out_alike((model_output, sample, noise))
+    if relayout:
+        model_output, sample, noise = same_layout([model_output, sample, noise])
+    return model_output, sample, noise
+
+
+def cached_plan(cache: dict, make_key: Callable[[], tuple]) -> tuple:
+    """``(key, plan)``: the key ``make_key()`` builds and the plan ``cache`` holds under it (None before the first call
+    with it), or ``(None, None)`` when building the key raises: a bad argument (the full checks then raise the usual
+    error) or values checked on every call (``Uncacheable``)."""
+    try:
+        key = make_key()
+        return key, cache.get(key)  # (an unhashable option fails here)
+    except Exception:
+        return None, None
+
+
 def store_plan(cache: dict, key, plan):
     """``plan`` stored under ``key`` (when there is one), bounding the cache."""
     if key is not None:

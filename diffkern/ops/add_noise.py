@@ -101,12 +101,9 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     eager = not torch.compiler.is_compiling()
     if eager:
         timesteps = C.host_scalar(timesteps)
-        try:
-            key = (C.tensor_key(original_samples), C.tensor_key(noise), C.table_key(alphas_cumprod),
-                   C.timestep_key(timesteps), C.options_key((backend,)), backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument, or values checked on every call: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(original_samples), C.tensor_key(noise), C.table_key(alphas_cumprod),
+            C.timestep_key(timesteps), C.options_key((backend,)), backends.environment_choice(backend)))
     if plan is None:
         plan, timesteps = _add_noise_plan(original_samples, noise, timesteps, alphas_cumprod, backend)
         C.store_plan(_PLANS, key, plan)

@@ -18,7 +18,7 @@ first (``diffkern.triton._guidance``, ``csrc/guidance_rescale.cuh``), then run t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -178,27 +178,17 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     eager = not torch.compiler.is_compiling()
     if eager:
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
-        try:
-            key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
-                   C.timestep_key(timestep), C.timestep_key(prev_timestep), C.optional_tensor_key(noise),
-                   type(generator), C.options_key(options), backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument, or values checked on every call: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod), C.timestep_key(timestep),
+            C.timestep_key(prev_timestep), C.optional_tensor_key(noise), type(generator), C.options_key(options),
+            backends.environment_choice(backend)))
     if plan is None:
         plan, timestep, prev_timestep = _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep,
                                                    noise, generator, *options)
         C.store_plan(_PLANS, key, plan)
     backends.record_choice("ddim_step", plan.backend)
 
-    relayout = plan.relayout
-    if plan.eta == 0:
-        noise = None
-    elif noise is None:
-        noise = C.draw_noise(sample.shape, model_output.dtype, sample.device, generator)
-        relayout = not C.laid_out_alike((model_output, sample, noise))
-    if relayout:
-        model_output, sample, noise = C.same_layout([model_output, sample, noise])
+    model_output, sample, noise = C.step_tensors(plan, model_output, sample, noise, generator, model_output.dtype)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if eager and not C.records_autograd(model_output, sample, noise):
         prev, x0 = plan.launch(model_output, sample, noise, table, C.kernel_timesteps(timestep),
@@ -208,16 +198,6 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         prev, x0 = _ddim_step_op(model_output, sample, noise, table, C.prepare_timesteps(timestep, device),
                                  C.prepare_timesteps(prev_timestep, device), *plan.options.values(), plan.backend)
     return StepOutput(prev, x0)
-
-
-class _DdimPlan(NamedTuple):
-    """A validated ``ddim_step`` call signature (see ``_common``'s "eager hot path")."""
-    backend: str
-    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
-    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
-    eta: float
-    relayout: bool  # the tensors are not laid out alike: contiguous copies first
-    table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
 
 
 _PLANS = C.plan_cache()
@@ -257,6 +237,6 @@ def _ddim_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
                    guidance_rescale=guidance_rescale)
     launch = backends.eager_launch(chosen, "ddim_step", (model_output, sample, noise, alphas_cumprod, timestep,
                                                    prev_timestep), options)
-    plan = _DdimPlan(chosen, launch, options, eta, not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
-                     C.table_ready(alphas_cumprod, sample))
+    plan = C.StepPlan(chosen, launch, options, not C.laid_out_alike((model_output, sample, noise if eta > 0 else None)),
+                      C.table_ready(alphas_cumprod, sample), uses_noise=eta > 0)
     return plan, timestep, prev_timestep

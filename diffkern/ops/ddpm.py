@@ -20,7 +20,7 @@ over the prediction's elements), as ``diffkern.ops.ddim`` describes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -172,14 +172,10 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     eager = not torch.compiler.is_compiling()
     if eager:
         timestep, prev_timestep = C.host_scalar(timestep), C.host_scalar(prev_timestep)
-        try:
-            key = (C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod),
-                   C.timestep_key(timestep), None if prev_timestep is None else C.timestep_key(prev_timestep),
-                   C.optional_tensor_key(noise), type(generator), C.options_key(options),
-                   backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument, or values checked on every call: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(model_output), C.tensor_key(sample), C.table_key(alphas_cumprod), C.timestep_key(timestep),
+            None if prev_timestep is None else C.timestep_key(prev_timestep), C.optional_tensor_key(noise),
+            type(generator), C.options_key(options), backends.environment_choice(backend)))
     if plan is None:
         plan, timestep, prev_timestep = _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep,
                                                    noise, generator, *options)
@@ -193,7 +189,8 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     if relayout:
         # With a learned variance the 2C-channel output is split per sample in C order: lay everything out so.
         tensors = [model_output, sample, noise]
-        model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if plan.learned \
+        learned = plan.options["variance_type"] in LEARNED_VARIANCE_TYPES
+        model_output, sample, noise = [None if x is None else x.contiguous() for x in tensors] if learned \
             else C.same_layout(tensors)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if eager and not C.records_autograd(model_output, sample, noise):
@@ -205,16 +202,6 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
         prev_t = t - 1 if prev_timestep is None else C.prepare_timesteps(prev_timestep, sample.device)
         prev, x0 = _ddpm_step_op(model_output, sample, noise, table, t, prev_t, *plan.options.values(), plan.backend)
     return StepOutput(prev, x0)
-
-
-class _DdpmPlan(NamedTuple):
-    """A validated ``ddpm_step`` call signature (see ``_common``'s "eager hot path")."""
-    backend: str
-    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
-    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
-    learned: bool  # a learned variance: the 2C-channel model output
-    relayout: bool  # the tensors are not laid out alike (or a learned variance's are not contiguous)
-    table_ready: bool  # the table is what the backends take already (see ``_common.prepare_table``)
 
 
 _PLANS = C.plan_cache()
@@ -256,7 +243,7 @@ def _ddpm_plan(model_output, timestep, sample, alphas_cumprod, prev_timestep, no
     example_prev = timestep - 1 if prev_timestep is None else prev_timestep
     launch = backends.eager_launch(chosen, "ddpm_step", (model_output, sample, noise, alphas_cumprod, timestep,
                                                    example_prev), options)
-    plan = _DdpmPlan(chosen, launch, options, learned, relayout, C.table_ready(alphas_cumprod, sample))
+    plan = C.StepPlan(chosen, launch, options, relayout, C.table_ready(alphas_cumprod, sample), uses_noise=True)
     return plan, timestep, prev_timestep
 
 

@@ -72,12 +72,9 @@ def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma: F
     eager = not torch.compiler.is_compiling()
     if eager:
         sigma = F.host_sigma(sigma)
-        try:
-            key = (C.tensor_key(original_samples), C.tensor_key(noise), F.sigma_key(sigma), C.options_key((backend,)),
-                   backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument, or values checked on every call: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(original_samples), C.tensor_key(noise), F.sigma_key(sigma), C.options_key((backend,)),
+            backends.environment_choice(backend)))
     if plan is None:
         plan, sigma = _flow_add_noise_plan(original_samples, noise, sigma, backend)
         C.store_plan(_PLANS, key, plan)

@@ -27,7 +27,7 @@ whole sample when a sample does not fit on chip).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -122,27 +122,17 @@ def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: F.S
     eager = not torch.compiler.is_compiling()
     if eager:
         sigma, sigma_next = F.host_sigma(sigma), F.host_sigma(sigma_next)
-        try:
-            key = (C.tensor_key(model_output), C.tensor_key(sample), F.sigma_key(sigma), F.sigma_key(sigma_next),
-                   C.optional_tensor_key(noise), type(generator), C.options_key(options),
-                   backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument, or values checked on every call: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(model_output), C.tensor_key(sample), F.sigma_key(sigma), F.sigma_key(sigma_next),
+            C.optional_tensor_key(noise), type(generator), C.options_key(options),
+            backends.environment_choice(backend)))
     if plan is None:
         plan, sigma, sigma_next = _flow_match_plan(model_output, sample, sigma, sigma_next, noise, generator, *options)
         C.store_plan(_PLANS, key, plan)
     backends.record_choice("flow_match_step", plan.backend)
 
-    relayout = plan.relayout
-    if not plan.stochastic:
-        noise = None
-    elif noise is None:
-        # diffusers draws in float32 (the sample upcast) whatever the sample's dtype.
-        noise = C.draw_noise(sample.shape, torch.float32, sample.device, generator).to(sample.dtype)
-        relayout = not C.laid_out_alike((model_output, sample, noise))
-    if relayout:
-        model_output, sample, noise = C.same_layout([model_output, sample, noise])
+    # (diffusers draws the noise in float32, the sample upcast, whatever the sample's dtype.)
+    model_output, sample, noise = C.step_tensors(plan, model_output, sample, noise, generator, torch.float32)
     if eager and not C.records_autograd(model_output, sample, noise):
         prev, x0 = plan.launch(model_output, sample, noise, F.kernel_sigma(sigma, sample),
                                F.kernel_sigma(sigma_next, sample))
@@ -150,15 +140,6 @@ def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: F.S
         prev, x0 = _flow_match_step_op(model_output, sample, noise, F.prepare_sigma(sigma, sample),
                                        F.prepare_sigma(sigma_next, sample), *plan.options.values(), plan.backend)
     return StepOutput(prev, x0)
-
-
-class _FlowMatchPlan(NamedTuple):
-    """A validated ``flow_match_step`` call signature (see ``_common``'s "eager hot path")."""
-    backend: str
-    launch: Optional[Callable]  # the eager call (``_common.bound_launch``); None while tracing
-    options: Dict[str, Any]  # the reference's keyword options, in the custom op's order
-    stochastic: bool
-    relayout: bool  # the tensors are not laid out alike: contiguous copies first
 
 
 _PLANS = C.plan_cache()
@@ -188,6 +169,6 @@ def _flow_match_plan(model_output, sample, sigma, sigma_next, noise, generator, 
     # (A binder reads of the sigmas only their kind, host number or tensor, which kernel_sigma keeps.)
     launch = backends.eager_launch(chosen, "flow_match_step", (model_output, sample, noise if stochastic else None,
                                                               sigma, sigma_next), options)
-    plan = _FlowMatchPlan(chosen, launch, options, stochastic,
-                          not C.laid_out_alike((model_output, sample, noise if stochastic else None)))
+    relayout = not C.laid_out_alike((model_output, sample, noise if stochastic else None))
+    plan = C.StepPlan(chosen, launch, options, relayout, table_ready=False, uses_noise=stochastic)
     return plan, sigma, sigma_next

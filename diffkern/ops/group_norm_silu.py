@@ -275,12 +275,9 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     key = plan = None
     eager = not torch.compiler.is_compiling()
     if eager:
-        try:
-            key = (C.tensor_key(x), C.optional_tensor_key(weight), C.optional_tensor_key(bias),
-                   C.options_key((num_groups, eps, backend)), backends.environment_choice(backend))
-            plan = _PLANS.get(key)
-        except Exception:  # a bad argument: the full checks below
-            key = None
+        key, plan = C.cached_plan(_PLANS, lambda: (
+            C.tensor_key(x), C.optional_tensor_key(weight), C.optional_tensor_key(bias),
+            C.options_key((num_groups, eps, backend)), backends.environment_choice(backend)))
     if plan is None:
         plan = C.store_plan(_PLANS, key, _group_norm_silu_plan(x, num_groups, weight, bias, eps, backend))
     backends.record_choice("group_norm_silu", plan.backend)

@@ -250,10 +250,13 @@ def per_group(column, onehot):
 
 
 @triton.jit
-def per_channel(values, onehot):
-    """The per-group [GPT] ``values`` spread over the tile's channels [BLOCK_C] (exact: one term each; 0 on the
-    padding channels)."""
-    return tl.sum(tl.where(onehot, values[None, :], 0.0), axis=1)
+def per_channel(first, second, c_idx, CPG: tl.constexpr, GPT: tl.constexpr):
+    """Two per-group [GPT] vectors spread over the packed tile's channels, as [1, BLOCK_C] rows (exact: one term
+    each; 0 on the padding channels)."""
+    onehot = pack_onehot(c_idx, CPG, GPT)
+    first_c = tl.sum(tl.where(onehot, first[None, :], 0.0), axis=1)
+    second_c = tl.sum(tl.where(onehot, second[None, :], 0.0), axis=1)
+    return first_c[None, :], second_c[None, :]
 
 
 @triton.jit
@@ -299,9 +302,7 @@ def packed_normalize_silu(x_pack, y_pack, w_ptr, b_ptr, channel0, mean, rstd, s_
                           OFFSETS_64: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """y = silu((x - mean) * rstd * w + b) over pixel tiles [s_begin, s_end) of a packed tile; mean, rstd [GPT]."""
     c_idx = tl.arange(0, BLOCK_C)
-    onehot = pack_onehot(c_idx, CPG, GPT)
-    mean_c = per_channel(mean, onehot)[None, :]
-    rstd_c = per_channel(rstd, onehot)[None, :]
+    mean_c, rstd_c = per_channel(mean, rstd, c_idx, CPG, GPT)
     w, b = load_affine(w_ptr, b_ptr, channel0, c_idx, CPG * GPT, HAS_WEIGHT, HAS_BIAS)
     for s_tile in range(s_begin, s_end):
         offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
@@ -364,9 +365,7 @@ def packed_dx(x_pack, dy_pack, dx_pack, w_ptr, b_ptr, mean_ptr, rstd_ptr, group0
     """dx over pixel tiles [s_begin, s_end) of a packed tile, as ``chunk_dx``; mean_dxhat, mean_dxhat_xhat [GPT]."""
     c_idx = tl.arange(0, BLOCK_C)
     mean, rstd = packed_stats(mean_ptr, rstd_ptr, group0, c_idx, CPG, GPT)
-    onehot = pack_onehot(c_idx, CPG, GPT)
-    m_dxhat = per_channel(mean_dxhat, onehot)[None, :]
-    m_dxhat_xhat = per_channel(mean_dxhat_xhat, onehot)[None, :]
+    m_dxhat, m_dxhat_xhat = per_channel(mean_dxhat, mean_dxhat_xhat, c_idx, CPG, GPT)
     w, b = load_affine(w_ptr, b_ptr, channel0, c_idx, CPG * GPT, HAS_WEIGHT, HAS_BIAS)
     for s_tile in range(s_begin, s_end):
         offsets, mask, _ = tile(0, s_tile, C, S, CPG * GPT, BLOCK_S, BLOCK_C, True, OFFSETS_64)
