@@ -102,16 +102,19 @@ def _rows(report, backend, case, base):
 def test_grids_are_the_launchers(report):
     """Spot checks of the recorded grids against what the launch code says: Triton's step grid
     (``launch_config``), the CUDA elementwise engine's (ceil(n / 16 bytes / 256) x batch) and csrc/gn_plan.cuh's
-    NCHW split (N*G x min(C/G, ceil(2 * 132 / (N*G))) blocks)."""
+    NCHW split (``choose_nchw_slices``: N*G x K blocks, K = ceil(16 * 132 / (N*G)) wanted; past C/G channels, each
+    channel's row of 16-byte units cut into at most units / 256 chunks)."""
     from diffkern.triton import _common
 
     case = "add_noise-probe-32M-fp16"   # 8 samples of 4 x 1024^2 halves
     n = 4 * 1024 * 1024
     assert _rows(report, "triton", case, "_add_noise_kernel")[0]["grid"] == [*_common.launch_config(8, n).grid, 1, 1]
     assert _rows(report, "cuda", case, "sample_map_kernel")[0]["grid"] == [n // 8 // 256, 8, 1]
-    case = "group_norm_silu_fwd_bwd-unet-c320-64-n1-nchw-fp16"   # 32 groups of 10 channels
+    case = "group_norm_silu_fwd_bwd-unet-c320-64-n1-nchw-fp16"   # 32 groups of 10 channels of 64^2 halves
+    wanted, channels, units = -(-16 * 132 // 32), 10, 64 * 64 // 8
+    slices = channels * min(-(-wanted // channels), units // 256)   # 10 channels x 2 chunks
     for base in ("gn_fwd_stats_nchw", "gn_fwd_apply_nchw", "gn_bwd_sums_nchw", "gn_bwd_dx_nchw"):
-        assert _rows(report, "cuda", case, base)[0]["grid"] == [32, min(10, -(-2 * 132 // 32)), 1], base
+        assert _rows(report, "cuda", case, base)[0]["grid"] == [32, slices, 1], base
 
 
 def test_every_elementwise_cuda_kernel_stores_16_bytes_at_once(report):
