@@ -236,22 +236,8 @@ def _sigma_pair(sigma) -> Tuple[Optional[torch.Tensor], float]:
     return sigma, 0.0
 
 
-@C.float64_runs_reference(flow_match_step_reference, dtype_from=1)
-def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
-                    sigma, sigma_next, *, guidance_scale: Optional[float], guidance_rescale: float,
-                    stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``flow_match_step_reference``'s contract (sigmas python floats or float32 ``[1 or B]`` tensors)."""
-    return _ops().flow_match_step_cuda(model_output, sample, noise if stochastic else None, *_sigma_pair(sigma),
-                                       *_sigma_pair(sigma_next), guidance_scale, guidance_rescale,
-                                       1 - guidance_rescale, stochastic)
-
-
-@C.binds(flow_match_step)
-def _bind_flow_match_step(model_output, sample, noise, sigma, sigma_next, *, guidance_scale, guidance_rescale,
-                          stochastic):
-    """Not float64: the op's overload with the options prebuilt."""
-    if sample.dtype == torch.float64:
-        return None
+def _flow_step_launch(*, guidance_scale: Optional[float], guidance_rescale: float, stochastic: bool) -> Callable:
+    """``launch(model_output, sample, noise, sigma, sigma_next)``: the op's overload with the options prebuilt."""
     op = _ops().flow_match_step_cuda.default
     options = (guidance_scale, guidance_rescale, 1 - guidance_rescale, stochastic)
 
@@ -261,18 +247,34 @@ def _bind_flow_match_step(model_output, sample, noise, sigma, sigma_next, *, gui
     return launch
 
 
-@C.float64_runs_reference(flow_add_noise_reference, dtype_from=0)
-def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """``flow_add_noise_reference``'s contract (sigma a python float or a float32 ``[1 or B]`` tensor)."""
-    return _ops().flow_add_noise_cuda(original_samples, noise, *_sigma_pair(sigma))
+@C.float64_runs_reference(flow_match_step_reference, dtype_from=1)
+def flow_match_step(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+                    sigma, sigma_next, **options) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``flow_match_step_reference``'s contract (sigmas python floats or float32 ``[1 or B]`` tensors; ``options``:
+    its keyword options)."""
+    return _flow_step_launch(**options)(model_output, sample, noise, sigma, sigma_next)
 
 
-@C.binds(flow_add_noise)
-def _bind_flow_add_noise(original_samples, noise, sigma):
-    if original_samples.dtype == torch.float64:
-        return None
+@C.binds(flow_match_step)
+def _bind_flow_match_step(model_output, sample, noise, sigma, sigma_next, **options):
+    return None if sample.dtype == torch.float64 else _flow_step_launch(**options)
+
+
+def _flow_add_noise_launch() -> Callable:
+    """``launch(original_samples, noise, sigma)``: the op's overload, looked up once."""
     op = _ops().flow_add_noise_cuda.default
 
     def launch(original_samples, noise, sigma):
         return op(original_samples, noise, *_sigma_pair(sigma))
     return launch
+
+
+@C.float64_runs_reference(flow_add_noise_reference, dtype_from=0)
+def flow_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """``flow_add_noise_reference``'s contract (sigma a python float or a float32 ``[1 or B]`` tensor)."""
+    return _flow_add_noise_launch()(original_samples, noise, sigma)
+
+
+@C.binds(flow_add_noise)
+def _bind_flow_add_noise(original_samples, noise, sigma):
+    return None if original_samples.dtype == torch.float64 else _flow_add_noise_launch()
