@@ -153,13 +153,20 @@ def program_span(n, blocks_per_sample, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def timestep_of(timesteps_ptr, timesteps_stride, host_timestep, sample, ON_HOST: tl.constexpr):
-    """The raw int64 timestep of one sample: the host scalar (``ON_HOST``, nothing loaded) or the tensor's entry."""
+def per_sample_value(values_ptr, values_stride, host_value, sample, ON_HOST: tl.constexpr):
+    """One sample's value of a per-sample argument (a timestep, a flow sigma): the host scalar (``ON_HOST``, shared by
+    the batch, nothing loaded) or the ``[1 or B]`` tensor's entry."""
     if ON_HOST:
-        t = host_timestep.to(tl.int64)
+        value = host_value
     else:
-        t = tl.load(timesteps_ptr + sample * timesteps_stride)
-    return t
+        value = tl.load(values_ptr + sample * values_stride)
+    return value
+
+
+@triton.jit
+def timestep_of(timesteps_ptr, timesteps_stride, host_timestep, sample, ON_HOST: tl.constexpr):
+    """The raw int64 timestep of one sample (``per_sample_value``; a host int is an int32 or int64 argument)."""
+    return per_sample_value(timesteps_ptr, timesteps_stride, host_timestep, sample, ON_HOST).to(tl.int64)
 
 
 @triton.jit
@@ -423,7 +430,7 @@ class DirectLauncher:
     a ``JITFunction``, and under a compile-only driver nothing can launch: there every launch is
     ``kernel[grid](...)``."""
 
-    __slots__ = ("_jit_launch", "_grid", "_options", "_direct", "_pointers", "_fixed", "_runners")
+    __slots__ = ("_jit_launch", "_grid", "_options", "_direct", "_specialised", "_pointers", "_fixed", "_runners")
 
     MAX_RUNNERS = 64  # specialisations kept per launcher (alignment of views can vary; each is one entry)
 
@@ -434,18 +441,17 @@ class DirectLauncher:
         # (Not under the compile-only driver of the compile sweep, the kernel report and bench --host: it compiles
         # and never launches, so a compiled kernel's runner cannot be made there.)
         self._direct = isinstance(kernel, triton.runtime.JITFunction) and _compile_only.driver_launches()
-        self._pointers = self._fixed = None
+        self._specialised = [i for i, p in enumerate(kernel.params) if not p.do_not_specialize] if self._direct \
+            else []
+        self._pointers = self._fixed = None  # getters of the key's arguments (``_classify``)
         self._runners: Dict[tuple, Any] = {}
-        if self._direct:
-            self._fixed = [i for i, p in enumerate(kernel.params) if not p.do_not_specialize]
 
     def _classify(self, args: tuple) -> None:
         """From the first call: the positions of pointers (tensors or None) and of the other specialised arguments
         (floats aside), each read with one ``itemgetter`` (a C call) per launch."""
         pointers = [i for i, a in enumerate(args) if a is None or isinstance(a, torch.Tensor)]
-        fixed = [i for i in self._fixed if i not in pointers and type(args[i]) is not float]
         self._pointers = _getter(pointers)
-        self._fixed = _getter(fixed)
+        self._fixed = _getter([i for i in self._specialised if i not in pointers and type(args[i]) is not float])
 
     def _key(self, args: tuple) -> tuple:
         return tuple([None if a is None else a.data_ptr() & 15 == 0 for a in self._pointers(args)]), self._fixed(args)

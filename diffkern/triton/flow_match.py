@@ -37,24 +37,14 @@ from diffkern.triton._guidance import rescale_factor
 
 
 @triton.jit
-def _sigma_of(sigma_ptr, sigma_stride, host_sigma, sample, ON_HOST: tl.constexpr):
-    """One sample's sigma: the host scalar (``ON_HOST``, nothing loaded) or the tensor's entry."""
-    if ON_HOST:
-        s = host_sigma
-    else:
-        s = tl.load(sigma_ptr + sample * sigma_stride)
-    return s
-
-
-@triton.jit
 def _flow_match_step_kernel(model_output_ptr, sample_ptr, noise_ptr, factor_ptr, prev_out_ptr, x0_out_ptr,
                             sigma_ptr, sigma_stride, host_sigma, sigma_next_ptr, sigma_next_stride, host_sigma_next,
                             n, blocks_per_sample, cond_offset, guidance_scale, rescale, keep,
                             SIGMA_ON_HOST: tl.constexpr, SIGMA_NEXT_ON_HOST: tl.constexpr, STOCHASTIC: tl.constexpr,
                             GUIDED: tl.constexpr, RESCALE: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
-    s = _sigma_of(sigma_ptr, sigma_stride, host_sigma, sample, SIGMA_ON_HOST)
-    s_next = _sigma_of(sigma_next_ptr, sigma_next_stride, host_sigma_next, sample, SIGMA_NEXT_ON_HOST)
+    s = K.per_sample_value(sigma_ptr, sigma_stride, host_sigma, sample, SIGMA_ON_HOST)
+    s_next = K.per_sample_value(sigma_next_ptr, sigma_next_stride, host_sigma_next, sample, SIGMA_NEXT_ON_HOST)
     element = sample * n + offsets
     v = K.load_model_output(model_output_ptr, element, mask, cond_offset, guidance_scale, GUIDED)
     v = K.rescale_guided(v, factor_ptr, sample, rescale, keep, RESCALE)
@@ -134,7 +124,7 @@ def _bind_flow_match_step(model_output, sample, noise, sigma, sigma_next, **opti
 def _flow_add_noise_kernel(x0_ptr, noise_ptr, out_ptr, sigma_ptr, sigma_stride, host_sigma, n, blocks_per_sample,
                            SIGMA_ON_HOST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offsets, mask = K.program_span(n, blocks_per_sample, BLOCK)
-    s = _sigma_of(sigma_ptr, sigma_stride, host_sigma, sample, SIGMA_ON_HOST)
+    s = K.per_sample_value(sigma_ptr, sigma_stride, host_sigma, sample, SIGMA_ON_HOST)
     element = sample * n + offsets
     x0 = tl.load(x0_ptr + element, mask=mask).to(tl.float32)
     z = tl.load(noise_ptr + element, mask=mask).to(tl.float32)
