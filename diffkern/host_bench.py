@@ -370,9 +370,9 @@ def measure_triton_launch_path() -> List[HostResult]:
             with _compile_only.launches_recorded(log):
                 for op, call in calls.items():
                     del log[:]
-                    call()
-                    call()
-                    jit_launches[op] = [entry for entry in log if entry[0] == "triton"][:len(log) // 2]
+                    call()  # through Triton (it compiles)
+                    jit_launches[op] = list(log)
+                    call()  # direct where the launch has a DirectLauncher
                     paths[op] = "direct launch" if log[-1][0] == "direct" else "through Triton"
 
             def jit_runs(launches, run=JITFunction.run):
