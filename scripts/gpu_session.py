@@ -118,16 +118,19 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # backend at the headline shapes and dtypes (SD latents, UNet GroupNorm shapes; fp32, fp16, bf16), every step
 # option of the op files' case matrices on both fast backends (the GPU-only full option product, whose ids
 # carry "guided", is left to the suite), gradcheck on every backend, the sampler loop captured in a CUDA graph
-# against the eager one, no host sync in a device-timestep loop, and the tensors past 2^31 elements.
+# against the eager one, no host sync in a device-timestep loop, the tensors past 2^31 elements, and Triton's
+# direct launches (their runner's launch, which no CPU can run).
 # GroupNorm: the case matrix's SD UNet shapes ("sd-" ids, GPU-only cases) and the main regime case in fp16, on
 # both fast backends.
 CORRECTNESS_FILES = ("tests/test_sampling.py", "tests/test_api.py", "tests/test_cuda_large.py",
                      "tests/test_add_noise.py", "tests/test_ddim_step.py", "tests/test_ddpm_step.py",
-                     "tests/test_hard_edges.py", "tests/test_cuda_backend.py", "tests/test_group_norm_silu.py")
+                     "tests/test_hard_edges.py", "tests/test_cuda_backend.py", "tests/test_group_norm_silu.py",
+                     "tests/test_triton_direct_launch.py")
 CORRECTNESS_K = " or ".join([
     "test_sampling",
     "test_device_timesteps_cause_no_host_sync",
     "test_auto_fallback_is_logged_once",
+    "test_direct_launches_on_the_gpu",
     "past_int32 or beyond_32_bit or past_2_to_the_31",
     "((test_add_noise or test_ddim_step or test_ddpm_step) and (triton or cuda) and not guided)",
     "(test_hard_edges and gradcheck)",

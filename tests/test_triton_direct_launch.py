@@ -57,6 +57,131 @@ def test_bench_host_measures_the_triton_launch_path():
         assert figures[f"diffkern {op} [triton], direct launch"] > 0
 
 
+def test_a_launcher_serves_one_device():
+    """A compiled kernel's runner holds the function loaded on one device: launchers are not shared across devices."""
+    import torch
+
+    from diffkern.triton import _common as K
+    from diffkern.triton.add_noise import _add_noise_kernel
+
+    options = dict(num_warps=4, **K.LAUNCH_OPTIONS)
+    first = K.direct_launcher(_add_noise_kernel, (4, 1), options, (torch.float16,), torch.device("cuda", 0))
+    assert K.direct_launcher(_add_noise_kernel, (4, 1), options, (torch.float16,), torch.device("cuda", 0)) is first
+    assert K.direct_launcher(_add_noise_kernel, (4, 1), options, (torch.float16,), torch.device("cuda", 1)) \
+        is not first
+
+
+# ------------------------------------------------------------------------------------------------------------
+# On a GPU: the runner's launch itself, in this process (no interpreter there).
+
+ON_GPU_WITH_TRITON = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1"
+    or not __import__("torch").cuda.is_available(),
+    reason="a direct launch runs Triton's compiled launcher: needs a GPU and triton without the interpreter")
+
+GPU_CASES = ("ddim_step", "ddpm_step", "add_noise", "flow_match_step", "flow_add_noise", "group_norm_silu-group",
+             "group_norm_silu-split")
+
+
+def _gpu_call(case: str, gen, dtype):
+    """``(inputs -> output)`` and a draw of fresh inputs, for one case on the GPU."""
+    import torch
+
+    import diffkern
+
+    table = diffkern.alphas_cumprod(diffkern.make_betas("scaled_linear", 1000, 0.00085, 0.012)).float().cuda()
+    shape = (2, 4, 64, 64)
+
+    def draw(*size):
+        return torch.randn(size, generator=gen, device="cuda").to(dtype)
+
+    if case.startswith("group_norm_silu"):
+        # (The planner's regimes at these shapes: one program per group at a small group, chunks of the group at
+        # N = 1 with a large one; the test asserts which ran.)
+        size = (2, 64, 8, 8) if case.endswith("group") else (1, 320, 64, 64)
+        channels = size[1]
+        weight, bias = draw(channels), draw(channels)
+        return (lambda x: diffkern.group_norm_silu(x, 32, weight, bias, backend="triton")), (lambda: (draw(*size),))
+    if case == "ddim_step":
+        return (lambda eps, x: diffkern.ddim_step(eps, 501, x, table, prev_timestep=481, guidance_scale=7.5,
+                                                  backend="triton")[0]), \
+            (lambda: (draw(4, *shape[1:]), draw(*shape)))
+    if case == "ddpm_step":
+        return (lambda eps, x, noise: diffkern.ddpm_step(eps, 501, x, table, prev_timestep=481, noise=noise,
+                                                         backend="triton")[0]), \
+            (lambda: (draw(*shape), draw(*shape), draw(*shape)))
+    if case == "add_noise":
+        return (lambda x, noise: diffkern.add_noise(x, noise, 501, table, backend="triton")), \
+            (lambda: (draw(*shape), draw(*shape)))
+    if case == "flow_match_step":
+        return (lambda v, x: diffkern.flow_match_step(v, x, 0.8, 0.78, guidance_scale=4.0, backend="triton")[0]), \
+            (lambda: (draw(4, *shape[1:]), draw(*shape)))
+    return (lambda x, noise: diffkern.flow_add_noise(x, noise, 0.8, backend="triton")), \
+        (lambda: (draw(*shape), draw(*shape)))
+
+
+@ON_GPU_WITH_TRITON
+@pytest.mark.parametrize("dtype", ("float16", "float32"))
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_direct_launches_on_the_gpu_compute_what_launches_through_triton_compute(case, dtype):
+    """The second call of a signature runs the compiled kernel's runner (counted); its output is bit-equal to the
+    same inputs' launch through ``JITFunction.run``; and captured in a CUDA graph (the runner takes the current
+    stream: a launch on any other would not be captured) its replay computes the same again."""
+    import torch
+
+    from diffkern import backends
+    from diffkern.ops import _common as C
+    from diffkern.triton import _common as K
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    call, draw = _gpu_call(case, gen, getattr(torch, dtype))
+    K._direct_launchers.clear()
+    C.clear_plans()
+    call(*draw())   # through Triton: compiles, and keeps the runner
+    assert backends.last_backend(case.split("-")[0]) == "triton"
+    direct_runs = []
+    for launcher in K._direct_launchers.values():
+        for key, runner in list(launcher._runners.items()):
+            launcher._runners[key] = lambda *args, _runner=runner: (direct_runs.append(1), _runner(*args))
+    assert direct_runs == [] and K._direct_launchers, "no direct launcher was made"
+    inputs = draw()
+    direct = call(*inputs)
+    assert direct_runs, f"{case}: the second call of a signature did not launch directly"
+    if case.startswith("group_norm_silu"):
+        regimes = {key[0].fn.__name__ for key in K._direct_launchers}   # (kernel, grid, options, dtypes, device)
+        assert (("fwd_group_kernel" in regimes) == case.endswith("group")), regimes
+
+    K._direct_launchers.clear()
+    C.clear_plans()
+    through_triton = call(*inputs)
+    assert torch.equal(direct, through_triton), f"{case}: the direct launch differs from Triton's"
+
+    del direct_runs[:]
+    static_inputs = tuple(t.clone() for t in inputs)
+    call(*static_inputs)   # (the runner, kept again)
+    for launcher in K._direct_launchers.values():
+        for key, runner in list(launcher._runners.items()):
+            launcher._runners[key] = lambda *args, _runner=runner: (direct_runs.append(1), _runner(*args))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(*static_inputs)   # warm-up on the capture's stream (allocator pools), direct
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(*static_inputs)
+    assert direct_runs, f"{case}: no direct launch in the capture"
+    for target, source in zip(static_inputs, draw()):
+        target.copy_(source)
+    graph.replay()
+    torch.cuda.synchronize()
+    K._direct_launchers.clear()
+    C.clear_plans()
+    assert torch.equal(captured, call(*static_inputs)), f"{case}: the captured direct launch's replay differs"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The worker (run as a script, without the interpreter).
 

@@ -385,7 +385,7 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     cfg = launch_config(batch, n)
     # (The table is float32 whatever the plan's table was: the key of a shared launcher holds the samples' dtypes.)
     launcher = direct_launcher(kernel, cfg.grid, dict(num_warps=cfg.num_warps, **LAUNCH_OPTIONS),
-                               (model_output.dtype, sample.dtype))
+                               (model_output.dtype, sample.dtype), sample.device)
     num_train = alphas_cumprod.numel()
     fixed = dict(model_output_sample_stride=model_output_sample_stride,
                  cond_offset=batch * model_output_sample_stride if guided else 0, clip_range=clip_sample_range,
@@ -484,11 +484,14 @@ def _getter(positions):
 _direct_launchers: Dict[tuple, DirectLauncher] = {}
 
 
-def direct_launcher(kernel, grid: Tuple[int, ...], options: Dict[str, Any], dtypes: tuple) -> DirectLauncher:
-    """The ``DirectLauncher`` of ``kernel`` at ``grid`` with ``options`` for launches whose tensors have ``dtypes``
-    (in the order they are passed; the key leaves them out), one per process: the plans of one kernel, grid and
-    dtypes (a sampling loop's steps: each host timestep is a plan) share its compiled kernels' runners."""
-    key = (kernel, grid, tuple(options.items()), dtypes)
+def direct_launcher(kernel, grid: Tuple[int, ...], options: Dict[str, Any], dtypes: tuple,
+                    device: torch.device) -> DirectLauncher:
+    """The ``DirectLauncher`` of ``kernel`` at ``grid`` with ``options`` for launches on ``device`` whose tensors have
+    ``dtypes`` (in the order they are passed; the key leaves them out), one per process: the plans of one kernel,
+    grid, dtypes and device (a sampling loop's steps: each host timestep is a plan) share its compiled kernels'
+    runners. (Per device: a compiled kernel's runner holds the function loaded on the device it first ran on, and
+    Triton compiles and loads per device.)"""
+    key = (kernel, grid, tuple(options.items()), dtypes, device)
     launcher = _direct_launchers.get(key)
     if launcher is None:
         if len(_direct_launchers) >= 1024:

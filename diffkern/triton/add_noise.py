@@ -41,7 +41,7 @@ def _launch(original_samples: torch.Tensor, alphas_cumprod: torch.Tensor, timest
     n = original_samples.numel() // batch
     cfg = K.launch_config(batch, n)
     launcher = K.direct_launcher(_add_noise_kernel, cfg.grid, dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS),
-                                 (original_samples.dtype,))
+                                 (original_samples.dtype,), original_samples.device)
     num_train, blocks_per_sample = alphas_cumprod.numel(), cfg.blocks_per_sample
     tail = K.positional_tail(_add_noise_kernel, "TIMESTEP_ON_HOST",
                              dict(TIMESTEP_ON_HOST=type(timesteps) is int, BLOCK=cfg.block))

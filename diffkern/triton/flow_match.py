@@ -78,7 +78,8 @@ def _step_launch(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_
     rescaled = guided and guidance_rescale != 0
     cfg = K.launch_config(batch, n)
     launcher = K.direct_launcher(_flow_match_step_kernel, cfg.grid,
-                                 dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS), (model_output.dtype, sample.dtype))
+                                 dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS), (model_output.dtype, sample.dtype),
+                                 sample.device)
     tail = K.positional_tail(_flow_match_step_kernel, "cond_offset", dict(
         cond_offset=batch * n if guided else 0, guidance_scale=guidance_scale if guided else 0.0,
         rescale=guidance_rescale, keep=1 - guidance_rescale, SIGMA_ON_HOST=type(sigma) is float,
@@ -138,7 +139,7 @@ def _add_noise_launch(original_samples: torch.Tensor, sigma):
     n = original_samples.numel() // batch
     cfg = K.launch_config(batch, n)
     launcher = K.direct_launcher(_flow_add_noise_kernel, cfg.grid, dict(num_warps=cfg.num_warps, **K.LAUNCH_OPTIONS),
-                                 (original_samples.dtype,))
+                                 (original_samples.dtype,), original_samples.device)
     tail = K.positional_tail(_flow_add_noise_kernel, "SIGMA_ON_HOST",
                              dict(SIGMA_ON_HOST=type(sigma) is float, BLOCK=cfg.block))
     blocks_per_sample = cfg.blocks_per_sample

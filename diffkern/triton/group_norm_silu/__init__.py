@@ -160,12 +160,12 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
                       plan.s_tiles_per_chunk)
         partials_shape = (3, groups, plan.chunks)
         grid = (groups // plan.group_pack, plan.chunks)
-        moments = direct_launcher(fwd_chunk_moments_kernel, grid, options, dtypes)
-        apply = direct_launcher(fwd_chunk_apply_kernel, grid, options, dtypes)
+        moments = direct_launcher(fwd_chunk_moments_kernel, grid, options, dtypes, x.device)
+        apply = direct_launcher(fwd_chunk_apply_kernel, grid, options, dtypes, x.device)
         moments_tail = positional_tail(fwd_chunk_moments_kernel, "BLOCK_S", meta)
         apply_tail = positional_tail(fwd_chunk_apply_kernel, "BLOCK_K", meta)
     else:
-        group_kernel = direct_launcher(fwd_group_kernel, (groups,), options, dtypes)
+        group_kernel = direct_launcher(fwd_group_kernel, (groups,), options, dtypes, x.device)
         group_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles)
         group_tail = positional_tail(fwd_group_kernel, "BLOCK_S", meta)
 
