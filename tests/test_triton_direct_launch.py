@@ -29,8 +29,9 @@ import pytest
 NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def _run_worker(mode: str) -> dict:
+def _run_worker(mode: str, **environment: str) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(environment)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, __file__, mode], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -44,6 +45,14 @@ def test_a_direct_launch_runs_the_kernel_triton_would_pick():
     print(report)
     for op, counts in report.items():
         assert counts["direct"] >= 5 and counts["through_triton"] >= 3, (op, counts)
+
+
+@NO_TRITON
+def test_direct_launches_can_be_turned_off():
+    """``DIFFKERN_TRITON_DIRECT_LAUNCH=0``: every launch goes through Triton."""
+    report = _run_worker("direct", DIFFKERN_TRITON_DIRECT_LAUNCH="0")
+    for op, counts in report.items():
+        assert counts["direct"] == 0 and counts["through_triton"] >= 10, (op, counts)
 
 
 @NO_TRITON

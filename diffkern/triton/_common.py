@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -409,6 +410,12 @@ def bind_step(kernel, model_output: torch.Tensor, sample: torch.Tensor, alphas_c
     return launch
 
 
+# Set to 0 to launch every Triton kernel through ``JITFunction.run`` (``DirectLauncher``): an escape hatch, read once
+# per launcher (set it before the first call, or call ``diffkern.ops._common.clear_plans()`` and
+# ``_direct_launchers.clear()`` after).
+DIRECT_LAUNCH_ENV = "DIFFKERN_TRITON_DIRECT_LAUNCH"
+
+
 class DirectLauncher:
     """``kernel[grid](*args, **options)`` for launches that pass every parameter positionally, in the kernel's order
     (the bound launches of ``_common.binds``), without Triton's per-call argument binding and specialisation once a
@@ -440,7 +447,9 @@ class DirectLauncher:
         self._options = options
         # (Not under the compile-only driver of the compile sweep, the kernel report and bench --host: it compiles
         # and never launches, so a compiled kernel's runner cannot be made there.)
-        self._direct = isinstance(kernel, triton.runtime.JITFunction) and _compile_only.driver_launches()
+        # (And not where the user turned it off: ``DIRECT_LAUNCH_ENV`` = 0, read when the launcher is made.)
+        self._direct = isinstance(kernel, triton.runtime.JITFunction) and _compile_only.driver_launches() \
+            and os.environ.get(DIRECT_LAUNCH_ENV, "1") != "0"
         self._specialised = [i for i, p in enumerate(kernel.params) if not p.do_not_specialize] if self._direct \
             else []
         self._pointers = self._fixed = None  # getters of the key's arguments (``_classify``)
