@@ -129,6 +129,15 @@ def _gpu_call(case: str, gen, dtype):
         (lambda: (draw(*shape), draw(*shape)))
 
 
+def _count_runs(runs: list) -> None:
+    """Every kept runner appends to ``runs`` when it launches."""
+    from diffkern.triton import _common as K
+
+    for launcher in K._direct_launchers.values():
+        for key, runner in list(launcher._runners.items()):
+            launcher._runners[key] = lambda *args, _runner=runner: (runs.append(1), _runner(*args))
+
+
 @ON_GPU_WITH_TRITON
 @pytest.mark.parametrize("dtype", ("float16", "float32"))
 @pytest.mark.parametrize("case", GPU_CASES)
@@ -151,9 +160,7 @@ def test_direct_launches_on_the_gpu_compute_what_launches_through_triton_compute
     call(*draw())   # through Triton: compiles, and keeps the runner
     assert backends.last_backend(case.split("-")[0]) == "triton"
     direct_runs = []
-    for launcher in K._direct_launchers.values():
-        for key, runner in list(launcher._runners.items()):
-            launcher._runners[key] = lambda *args, _runner=runner: (direct_runs.append(1), _runner(*args))
+    _count_runs(direct_runs)
     assert direct_runs == [] and K._direct_launchers, "no direct launcher was made"
     inputs = draw()
     direct = call(*inputs)
@@ -167,17 +174,15 @@ def test_direct_launches_on_the_gpu_compute_what_launches_through_triton_compute
     through_triton = call(*inputs)
     assert torch.equal(direct, through_triton), f"{case}: the direct launch differs from Triton's"
 
-    del direct_runs[:]
     static_inputs = tuple(t.clone() for t in inputs)
     call(*static_inputs)   # (the runner, kept again)
-    for launcher in K._direct_launchers.values():
-        for key, runner in list(launcher._runners.items()):
-            launcher._runners[key] = lambda *args, _runner=runner: (direct_runs.append(1), _runner(*args))
+    _count_runs(direct_runs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         call(*static_inputs)   # warm-up on the capture's stream (allocator pools), direct
     torch.cuda.current_stream().wait_stream(side)
+    del direct_runs[:]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = call(*static_inputs)
