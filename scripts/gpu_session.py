@@ -825,6 +825,7 @@ def stage_bench(ctx: Context, cap_s: float) -> int:
         latency = host_bench._measure_groups(host_bench._gpu_cases(device), synchronize=True)
         table = host_bench.format_results(latency, f"eager latency per call on {document['device'].get('name')} "
                                                    "(µs, median; `python -m diffkern bench --host`)")
+        table += "\n" + host_bench.format_checks(host_bench.gpu_target_checks(latency))
         print(table)
         with open(ctx.out / "bench.md", "a") as f:
             f.write("\n```\n" + table + "\n```\n")

@@ -263,6 +263,25 @@ def test_the_gpu_latency_cases_build_and_run_on_cpu_tensors():
             fn()
 
 
+def test_the_gpu_part_checks_its_targets():
+    """The GPU part's checks (``gpu_target_checks``) on made-up latencies: a guided step 12x faster than diffusers'
+    guidance + step meets the 10x target, one 8x faster misses it; a loop's per step is its time / 50 steps."""
+    group = "ddim_step + guidance SD 1.5 (2, 4, 64, 64) float16"
+    loop = "sampling loop, 50 guided DDIM steps, SD 1.5 (2, 4, 64, 64) float16"
+    results = [host_bench.HostResult(group, "diffkern [cuda]", 10.0),
+               host_bench.HostResult(group, "diffkern [triton]", 15.0),
+               host_bench.HostResult(group, "diffusers guidance + step", 120.0),
+               host_bench.HostResult("ddim_step + guidance SDXL (2, 4, 128, 128) float16", "diffkern [cuda]", 99.0),
+               host_bench.HostResult(loop, "diffkern.sample [cuda] capture=True", 500.0),
+               host_bench.HostResult(loop, "diffusers guidance + step loop", 6000.0)]
+    checks = {what: (ratio, met) for what, ratio, _, met in host_bench.gpu_target_checks(results)}
+    assert checks[f"{group}: diffkern [cuda] / diffusers guidance + step"] == (10.0 / 120.0, True)
+    assert checks[f"{group}: diffkern [triton] / diffusers guidance + step"] == (15.0 / 120.0, False)
+    assert checks["diffkern.sample [cuda] capture=True per step (10.0 µs) / diffusers loop's (120.0 µs)"] == \
+        (500.0 / 6000.0, True)
+    assert len(checks) == 3   # (SDXL has no target)
+
+
 def test_a_host_timestep_reaches_the_reference_as_a_python_int(monkeypatch):
     """No fill kernel for a host timestep: the backends take it as a number (``_common.kernel_timesteps``;
     the op test files compare int and tensor timesteps bit for bit on every backend)."""
