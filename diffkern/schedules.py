@@ -1,8 +1,9 @@
 """Noise schedules: the beta tables and the cumulative products the ops index into.
 
 Every function here returns float64 tensors on the CPU. The ops take the table in any floating dtype on
-any device and gather from it in fp32 (see :func:`diffkern.ops._common.prepare_table`); keep a float32 copy
-on the sampling device (``NoiseSchedule.table(device)``) so that no step copies it again.
+any device and gather from it in fp32 (see :func:`diffkern.ops._common.prepare_table`: any other table is copied
+once per table version, device and dtype, at its first call); a float32 copy on the sampling device
+(``NoiseSchedule.table(device)``) makes even that first call copy nothing.
 """
 
 from __future__ import annotations

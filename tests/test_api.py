@@ -223,6 +223,68 @@ def test_device_timesteps_cause_no_host_sync(randn, device):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_a_table_the_backends_do_not_take_is_copied_once_per_version():
+    """``prepare_table``: a CPU table for device samples (here the meta device stands in), or a float64 one, is
+    copied at its first use per version, device and dtype, then served from the cache, which lets it go with its
+    table; a table the backends take as it is is returned itself and not cached."""
+    import gc
+
+    from diffkern.ops import _common as C
+
+    table = TABLE.clone()   # float64, CPU
+    sample = torch.zeros(2, 3)
+    first = C.prepare_table(table, sample)
+    assert first.dtype == torch.float32 and torch.equal(first, table.float())
+    assert C.prepare_table(table, sample) is first
+    on_meta = C.prepare_table(table, sample.to("meta"))
+    assert on_meta.device.type == "meta" and C.prepare_table(table, sample.to("meta")) is on_meta
+    assert C.prepare_table(table, sample.double()) is table   # float64 samples take the float64 table as it is
+    table[0] = 0.5   # a new version: a new copy, with the new value
+    edited = C.prepare_table(table, sample)
+    assert edited is not first and float(edited[0]) == 0.5 and C.prepare_table(table, sample) is edited
+    table_id = id(table)
+    assert table_id in C._table_copies
+    del table
+    gc.collect()
+    assert table_id not in C._table_copies
+    ready = TABLE.float()
+    assert C.prepare_table(ready, sample) is ready and id(ready) not in C._table_copies
+    with torch.inference_mode():
+        frozen = TABLE.float().double()   # no version counter: copied on every call, nothing cached
+    assert C.prepare_table(frozen, sample) is not C.prepare_table(frozen, sample)
+    assert id(frozen) not in C._table_copies
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host syncs and CUDA graphs only exist with a GPU")
+def test_a_cpu_table_is_copied_at_the_first_step_only(randn, device):
+    """A CPU table (a diffusers scheduler's ``alphas_cumprod``) is copied to the device at the first call, which
+    syncs once; later steps with it sync never, and compute what the device table does. A CUDA-graph capture cannot
+    copy it, and says so before any work."""
+    table = TABLE.float().clone()
+    x, m, z = randn(2, 4, 8, 8), randn(2, 4, 8, 8), randn(2, 4, 8, 8)
+    diffkern.ddim_step(m, 50, x, table, prev_timestep=40)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [diffkern.ddim_step(m, 50, x, table, prev_timestep=40).prev_sample,
+               diffkern.ddpm_step(m, 50, x, table, noise=z).prev_sample,
+               diffkern.add_noise(x, z, 50, table)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_device = table.to(device)
+    expected = [diffkern.ddim_step(m, 50, x, on_device, prev_timestep=40).prev_sample,
+                diffkern.ddpm_step(m, 50, x, on_device, noise=z).prev_sample,
+                diffkern.add_noise(x, z, 50, on_device)]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="alphas_cumprod is on the CPU, and a CUDA-graph capture"):
+        with torch.cuda.graph(graph, stream=side):
+            diffkern.ddim_step(m, 50, x, table, prev_timestep=40)
+
+
 # ------------------------------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_fp32_rounded_once(randn, gen, dtype):

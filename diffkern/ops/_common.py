@@ -203,9 +203,41 @@ def _first(values: torch.Tensor, where: torch.Tensor) -> int:
 def prepare_table(alphas_cumprod: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The table on ``sample``'s device in float32 (float64 for float64 samples, so that their
     coefficients are float64 too), contiguous; a no-op for a contiguous float32 table already there (the fast
-    path)."""
+    path). Any other table's copy is made once per table, version, device and dtype (``_table_copies``), so that a
+    loop passing a CPU table (a diffusers scheduler's ``alphas_cumprod``) copies it at its first step only: each
+    blocking host-to-device copy synchronises the stream, and the host would wait for the model at every step."""
+    if table_ready(alphas_cumprod, sample):
+        return alphas_cumprod
     dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    return alphas_cumprod.to(device=sample.device, dtype=dtype).contiguous()
+    if alphas_cumprod.is_inference() or torch.compiler.is_compiling():   # (no version counter; traced: as it is)
+        return alphas_cumprod.to(device=sample.device, dtype=dtype).contiguous()
+    if sample.is_cuda and torch.cuda.is_current_stream_capturing():
+        # (A graph captured with a cached copy would read memory the cache frees with its table.)
+        if alphas_cumprod.is_cpu:
+            raise ValueError("alphas_cumprod is on the CPU, and a CUDA-graph capture cannot copy it to the "
+                             f"device: pass the table on the samples' device {sample.device} (for example "
+                             "alphas_cumprod.to(device))")
+        return alphas_cumprod.to(dtype=dtype).contiguous()
+    table_id = id(alphas_cumprod)
+    entry = _table_copies.get(table_id)
+    if entry is None or entry[0]() is not alphas_cumprod:
+        def forget(ref, table_id=table_id):
+            if _table_copies.get(table_id, (None,))[0] is ref:
+                del _table_copies[table_id]
+        entry = _table_copies[table_id] = (weakref.ref(alphas_cumprod, forget), {})
+    which = (alphas_cumprod._version, sample.device, dtype)
+    table = entry[1].get(which)
+    if table is None:
+        table = entry[1][which] = alphas_cumprod.to(device=sample.device, dtype=dtype).contiguous()
+        if table.is_cpu:   # (its values are checked as a table's, so that host coefficients memoise on it too)
+            _check_table_values(table)
+    return table
+
+
+# id(table) -> (weak reference to the table, {(version, device, dtype): its copy}): ``prepare_table``'s copies of
+# tables the backends do not take as they are. Every version's copies live as long as their table (a schedule is
+# edited rarely, and a copy is T numbers), so that a copy an earlier call launched with is never freed under it.
+_table_copies: Dict[int, Tuple[weakref.ref, Dict[tuple, torch.Tensor]]] = {}
 
 
 def check_timesteps(name: str, timesteps, batch: int, num_train_timesteps: int, device: torch.device, *,

@@ -90,8 +90,8 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
         original_samples: x_0, ``[B, ...]``, float16/bfloat16/float32/float64, any device.
         noise: same shape, dtype and device.
         timesteps: an int, a 0-d integer tensor, or ``[B]`` (one per sample), in ``[0, T)``.
-        alphas_cumprod: the abar table ``[T]`` (any float dtype; on the CPU or the samples' device — a
-            float32 table on the samples' device avoids a copy per call).
+        alphas_cumprod: the abar table ``[T]`` (any float dtype; on the CPU or the samples' device — any other
+            than a float32 one on the samples' device is copied at its first call, once per table version).
         backend: ``auto``, ``reference``, ``triton`` or ``cuda``.
 
     Returns:
