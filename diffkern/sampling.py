@@ -257,7 +257,9 @@ def _sample_captured(step, x_T: torch.Tensor, schedule: Tuple[torch.Tensor, ...]
         static_x.copy_(step(static_x, *entries, step_gen))
         counter.add_(1)
 
-    with torch.no_grad():
+    # (x_T's device made current, and the capture on a stream of it: torch.cuda.graph's default capture stream
+    # belongs to whichever device was current when it was first made, and the ops launch on their tensors'.)
+    with torch.no_grad(), torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -272,7 +274,7 @@ def _sample_captured(step, x_T: torch.Tensor, schedule: Tuple[torch.Tensor, ...]
             # The default CUDA generator is registered by the capture itself; any other must be registered so
             # that each replay advances its Philox offset.
             graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             body(gen)
         # Capturing records the kernels without running them; undo the warm-up runs' effect on the buffers.
         static_x.copy_(x_T)
