@@ -130,6 +130,7 @@ CORRECTNESS_K = " or ".join([
     "test_sampling",
     "test_device_timesteps_cause_no_host_sync",
     "test_a_cpu_table_is_copied_at_the_first_step_only",
+    "test_per_sample_cpu_values_reach_the_device_without_a_sync",
     "test_auto_fallback_is_logged_once",
     "test_direct_launches_on_the_gpu",
     "past_int32 or beyond_32_bit or past_2_to_the_31",

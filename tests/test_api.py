@@ -285,6 +285,41 @@ def test_a_cpu_table_is_copied_at_the_first_step_only(randn, device):
             diffkern.ddim_step(m, 50, x, table, prev_timestep=40)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="host syncs and CUDA graphs only exist with a GPU")
+def test_per_sample_cpu_values_reach_the_device_without_a_sync(any_backend, randn, device):
+    """Per-sample timesteps and sigmas on the CPU for device samples: every backend gets them on the device
+    (staged through pinned memory: no sync once warm), with the results of the same values passed on the device;
+    a CUDA-graph capture cannot copy them and says so before any work."""
+    table = TABLE.float().to(device)
+    x, m, z = randn(2, 4, 8, 8), randn(2, 4, 8, 8), randn(2, 4, 8, 8)
+    t, prev, sigmas = torch.tensor([60, 30]), torch.tensor([50, 20]), torch.tensor([0.8, 0.4])
+    next_sigmas = torch.tensor([0.7, 0.3])
+
+    def calls(t, prev, sigmas, next_sigmas):
+        return [diffkern.ddim_step(m, t, x, table, prev_timestep=prev, backend=any_backend).prev_sample,
+                diffkern.ddpm_step(m, t, x, table, prev_timestep=prev, noise=z, backend=any_backend).prev_sample,
+                diffkern.add_noise(x, z, t, table, backend=any_backend),
+                diffkern.flow_match_step(m, x, sigmas, next_sigmas, backend=any_backend).prev_sample,
+                diffkern.flow_add_noise(x, z, sigmas, backend=any_backend)]
+
+    calls(t, prev, sigmas, next_sigmas)   # warm-up: compiles, the pinned staging blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = calls(t, prev, sigmas, next_sigmas)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = calls(t.to(device), prev.to(device), sigmas.to(device), next_sigmas.to(device))
+    for ours, theirs in zip(got, expected):
+        assert torch.equal(ours, theirs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="timesteps holds per-sample values on the CPU"):
+        with torch.cuda.graph(graph, stream=side):
+            diffkern.add_noise(x, z, t, table, backend=any_backend)
+
+
 # ------------------------------------------------------------------------------------------------- numerics
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_fp32_rounded_once(randn, gen, dtype):

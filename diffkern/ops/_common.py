@@ -278,11 +278,25 @@ def prepare_timesteps(timesteps: TimestepLike, device: torch.device) -> torch.Te
     """Contiguous int64 ``[1]`` or ``[B]`` on ``device`` without a host sync."""
     if isinstance(timesteps, int):
         return torch.full((1,), timesteps, dtype=torch.int64, device=device)
-    if timesteps.device.type == "cpu" and timesteps.numel() == 1 and device.type != "cpu" \
-            and not torch.compiler.is_compiling():
-        # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
-        return torch.full((1,), int(timesteps.reshape(())), dtype=torch.int64, device=device)
+    if timesteps.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
+        if timesteps.numel() == 1:
+            # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
+            return torch.full((1,), int(timesteps.reshape(())), dtype=torch.int64, device=device)
+        return to_device_async("timesteps", timesteps.reshape(-1).to(torch.int64), device)
     return timesteps.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
+
+
+def to_device_async(name: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the CPU tensor ``host`` on the CUDA ``device`` without a host sync (a blocking copy from pageable
+    memory waits for the stream, that is for the model's kernels): staged through pinned memory, whose block torch's
+    caching host allocator keeps until the copy has run. Not while the stream is captured into a CUDA graph: a
+    replay would copy from the staging block again, long reused (a ValueError naming ``name``)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{name} holds per-sample values on the CPU, and a CUDA-graph capture cannot copy them to "
+                         f"the device: pass them on the samples' device {device}")
+    if device.type != "cuda":
+        return host.to(device).contiguous()
+    return host.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def is_batch_outer_dense(t: torch.Tensor) -> bool:
@@ -901,12 +915,15 @@ def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
-def kernel_timesteps(timesteps: TimestepLike) -> TimestepLike:
+def kernel_timesteps(timesteps: TimestepLike, sample: torch.Tensor) -> TimestepLike:
     """What the backends' implementations take: a python int as it is (every backend takes a host timestep as
     a number: the kernels get it as a scalar argument, so a step launches no fill kernel), a tensor as int64
-    ``[1 or B]`` (a view when already so)."""
+    ``[1 or B]`` on ``sample``'s device (a view when already so; per-sample CPU values copied there,
+    ``prepare_timesteps``)."""
     if type(timesteps) is int:
         return timesteps
+    if timesteps.is_cpu and not sample.is_cpu:
+        return prepare_timesteps(timesteps, sample.device)
     return timesteps.reshape(-1).to(torch.int64)
 
 

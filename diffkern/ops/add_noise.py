@@ -112,7 +112,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, timesteps: C.
     x0, eps = C.same_layout([original_samples, noise]) if plan.relayout else (original_samples, noise)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, x0)
     if eager and not C.records_autograd(x0, eps):
-        return plan.launch(x0, eps, table, C.kernel_timesteps(timesteps))
+        return plan.launch(x0, eps, table, C.kernel_timesteps(timesteps, x0))
     return _add_noise_op(x0, eps, table, C.prepare_timesteps(timesteps, x0.device), plan.backend)
 
 

@@ -191,8 +191,8 @@ def ddim_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
     model_output, sample, noise = C.step_tensors(plan, model_output, sample, noise, generator, model_output.dtype)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if eager and not C.records_autograd(model_output, sample, noise):
-        prev, x0 = plan.launch(model_output, sample, noise, table, C.kernel_timesteps(timestep),
-                               C.kernel_timesteps(prev_timestep))
+        prev, x0 = plan.launch(model_output, sample, noise, table, C.kernel_timesteps(timestep, sample),
+                               C.kernel_timesteps(prev_timestep, sample))
     else:
         device = sample.device
         prev, x0 = _ddim_step_op(model_output, sample, noise, table, C.prepare_timesteps(timestep, device),

@@ -194,8 +194,8 @@ def ddpm_step(model_output: torch.Tensor, timestep: C.TimestepLike, sample: torc
             else C.same_layout(tensors)
     table = alphas_cumprod if plan.table_ready else C.prepare_table(alphas_cumprod, sample)
     if eager and not C.records_autograd(model_output, sample, noise):
-        t = C.kernel_timesteps(timestep)
-        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep)
+        t = C.kernel_timesteps(timestep, sample)
+        prev_t = t - 1 if prev_timestep is None else C.kernel_timesteps(prev_timestep, sample)
         prev, x0 = plan.launch(model_output, sample, noise, table, t, prev_t)
     else:
         t = C.prepare_timesteps(timestep, sample.device)
