@@ -296,7 +296,9 @@ def to_device_async(name: str, host: torch.Tensor, device: torch.device) -> torc
                          f"the device: pass them on the samples' device {device}")
     if device.type != "cuda":
         return host.to(device).contiguous()
-    return host.contiguous().pin_memory().to(device, non_blocking=True)
+    # (A fresh staging block even for a pinned ``host``: the caller may change it once the call returns.)
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    return staged.to(device, non_blocking=True)
 
 
 def is_batch_outer_dense(t: torch.Tensor) -> bool:
