@@ -277,12 +277,18 @@ def test_a_cpu_table_is_copied_at_the_first_step_only(randn, device):
                 diffkern.add_noise(x, z, 50, on_device)]
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+    _capture_raises("alphas_cumprod is on the CPU, and a CUDA-graph capture",
+                    lambda: diffkern.ddim_step(m, 50, x, table, prev_timestep=40))
+
+
+def _capture_raises(message: str, call) -> None:
+    """``call()`` inside a CUDA-graph capture raises a ValueError matching ``message``."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(ValueError, match="alphas_cumprod is on the CPU, and a CUDA-graph capture"):
+    with pytest.raises(ValueError, match=message):
         with torch.cuda.graph(graph, stream=side):
-            diffkern.ddim_step(m, 50, x, table, prev_timestep=40)
+            call()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="host syncs and CUDA graphs only exist with a GPU")
@@ -312,12 +318,8 @@ def test_per_sample_cpu_values_reach_the_device_without_a_sync(any_backend, rand
     expected = calls(t.to(device), prev.to(device), sigmas.to(device), next_sigmas.to(device))
     for ours, theirs in zip(got, expected):
         assert torch.equal(ours, theirs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(ValueError, match="timesteps holds per-sample values on the CPU"):
-        with torch.cuda.graph(graph, stream=side):
-            diffkern.add_noise(x, z, t, table, backend=any_backend)
+    _capture_raises("timesteps holds per-sample values on the CPU",
+                    lambda: diffkern.add_noise(x, z, t, table, backend=any_backend))
 
 
 # ------------------------------------------------------------------------------------------------- numerics
