@@ -478,14 +478,14 @@ def gpu_target_checks(results: List[HostResult]) -> List[Tuple[str, float, float
             theirs = entries.get("diffusers guidance + step")
             for name, ours in entries.items():
                 if name.startswith("diffkern") and theirs is not None:
-                    ratio = ours.median_us / theirs.median_us
+                    ratio = _ratio(ours, theirs)
                     checks.append((f"{group}: {name} / diffusers guidance + step", ratio, TARGET_GPU_VS_DIFFUSERS,
                                    ratio <= TARGET_GPU_VS_DIFFUSERS))
         elif group.startswith("sampling loop"):
             theirs = entries.get("diffusers guidance + step loop")
             for name, ours in entries.items():
                 if name.startswith("diffkern.sample") and theirs is not None:
-                    ratio = ours.median_us / theirs.median_us
+                    ratio = _ratio(ours, theirs)
                     checks.append((f"{name} per step ({ours.median_us / LOOP_STEPS:.1f} µs) / diffusers loop's "
                                    f"({theirs.median_us / LOOP_STEPS:.1f} µs)", ratio, 1.0, ratio <= 1.0))
     return checks

@@ -279,25 +279,27 @@ def prepare_timesteps(timesteps: TimestepLike, device: torch.device) -> torch.Te
     if isinstance(timesteps, int):
         return torch.full((1,), timesteps, dtype=torch.int64, device=device)
     if timesteps.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
-        if timesteps.numel() == 1:
-            # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
-            return torch.full((1,), int(timesteps.reshape(())), dtype=torch.int64, device=device)
-        return to_device_async("timesteps", timesteps.reshape(-1).to(torch.int64), device)
+        return host_values_to_device("timesteps", timesteps, torch.int64, device)
     return timesteps.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
 
 
-def to_device_async(name: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of the CPU tensor ``host`` on the CUDA ``device`` without a host sync (a blocking copy from pageable
-    memory waits for the stream, that is for the model's kernels): staged through pinned memory, whose block torch's
-    caching host allocator keeps until the copy has run. Not while the stream is captured into a CUDA graph: a
-    replay would copy from the staging block again, long reused (a ValueError naming ``name``)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+def host_values_to_device(name: str, values: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The CPU tensor ``values`` (0-d, ``[1]`` or ``[B]``: timesteps, sigmas) as a contiguous ``[1 or B]`` tensor of
+    ``dtype`` on the non-CPU ``device``, without a host sync (a blocking copy from pageable memory waits for the
+    stream, that is for the model's kernels). One value is read on the host and filled in: reading a CPU scalar costs
+    nothing. Several are staged through pinned memory, whose block torch's caching host allocator keeps until the
+    copy has run; not while the stream is captured into a CUDA graph, whose replays would copy from that block again,
+    long reused (a ValueError naming ``name``)."""
+    values = values.detach().reshape(-1)
+    if values.numel() == 1:
+        return torch.full((1,), values.item(), dtype=dtype, device=device)
+    if device.type != "cuda":
+        return values.to(device=device, dtype=dtype).contiguous()
+    if torch.cuda.is_current_stream_capturing():
         raise ValueError(f"{name} holds per-sample values on the CPU, and a CUDA-graph capture cannot copy them to "
                          f"the device: pass them on the samples' device {device}")
-    if device.type != "cuda":
-        return host.to(device).contiguous()
-    # (A fresh staging block even for a pinned ``host``: the caller may change it once the call returns.)
-    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    # (A fresh staging block even for a pinned ``values``: the caller may change it once the call returns.)
+    staged = torch.empty(values.shape, dtype=dtype, pin_memory=True).copy_(values)
     return staged.to(device, non_blocking=True)
 
 

@@ -121,12 +121,8 @@ def prepare_sigma(sigma: SigmaLike, sample: torch.Tensor) -> torch.Tensor:
     dtype, device = compute_dtype(sample), sample.device
     if isinstance(sigma, float):
         return torch.full((1,), sigma, dtype=dtype, device=device)
-    if sigma.device.type == "cpu" and sigma.numel() == 1 and device.type != "cpu" \
-            and not torch.compiler.is_compiling():
-        # A CPU scalar read on the host costs nothing; a fill avoids a pageable host-to-device copy.
-        return torch.full((1,), float(sigma.reshape(())), dtype=dtype, device=device)
     if sigma.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
-        return C.to_device_async("the sigma", sigma.detach().reshape(-1).to(dtype), device)
+        return C.host_values_to_device("the sigma", sigma, dtype, device)
     return sigma.detach().reshape(-1).to(device=device, dtype=dtype).contiguous()
 
 

@@ -153,7 +153,7 @@ def _forward_launch(x: torch.Tensor, channels_last: bool, weight: Optional[torch
                 OFFSETS_64=plan.offsets_64, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 SINGLE_TILE=plan.regime == "single", BLOCK_K=next_pow2(plan.chunks), GPT=plan.group_pack)
     options = dict(num_warps=plan.num_warps, **LAUNCH_OPTIONS)
-    # (Direct launches, ``DirectLauncher``: one per kernel, grid, options and the tensors' dtypes.)
+    # (Direct launches, ``DirectLauncher``: one per kernel, grid, options, the tensors' dtypes and device.)
     dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     if plan.regime == "split":
         chunk_args = (c, s, cpg, num_groups, plan.c_tiles, plan.s_tiles, plan.s_chunks, plan.c_tiles_per_chunk,
